@@ -1,0 +1,1 @@
+//! gworker-api (placeholder)

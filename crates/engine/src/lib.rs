@@ -1,0 +1,1 @@
+//! gworker-engine (placeholder)
