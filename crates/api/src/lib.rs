@@ -1,1 +1,231 @@
-//! gworker-api (placeholder)
+//! Wire types of the HTTP API, version 1: the one source of truth shared by
+//! the daemon, the CLI and the Rust client (the Python client is checked
+//! against the OpenAPI document generated from these). Only this crate
+//! derives `Serialize` for the wire. See `docs/http-api.md`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+pub const API_PREFIX: &str = "/v1";
+/// Largest request body the daemon accepts.
+pub const MAX_BODY: usize = 16 * 1024 * 1024;
+/// Longest a single `wait` request blocks; clients loop for longer waits.
+pub const MAX_WAIT_SECS: f64 = 60.0;
+/// Header carrying the offset a stream response starts at.
+pub const OFFSET_HEADER: &str = "x-gworker-offset";
+pub const DEFAULT_TIMEOUT_SECS: f64 = 300.0;
+pub const MAX_TIMEOUT_SECS: f64 = 86_400.0;
+
+/// Body of `POST /v1/sandboxes`. Every field is optional.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    /// The entry command's argv; empty or missing keeps the sandbox idle.
+    #[serde(default)]
+    pub cmd: Option<Vec<String>>,
+    /// Image name: `busybox` or `debian-slim` (the default).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Seconds until the sandbox is killed (default 300, at most 86400).
+    #[serde(default)]
+    pub timeout: Option<f64>,
+    #[serde(default)]
+    pub env: Option<BTreeMap<String, String>>,
+    /// Absolute working directory of the entry command and default for execs; created if missing.
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// Not supported yet: a non-empty list is refused with `not_supported`.
+    #[serde(default)]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub secrets: Option<Vec<serde_json::Value>>,
+    /// Not supported yet: a non-empty map is refused with `not_supported`.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub volumes: Option<BTreeMap<String, serde_json::Value>>,
+    /// Not supported yet: refused with `not_supported`.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub snapshot: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxState {
+    Starting,
+    Running,
+    Exited,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Sandbox {
+    pub sandbox_id: String,
+    pub image: String,
+    pub state: SandboxState,
+    /// The entry command's exit code once exited (128+N when killed by signal N).
+    pub exit_code: Option<i32>,
+    /// Why it exited: `exited`, `timeout`, `failed`, `killed`, `lost`.
+    pub reason: Option<String>,
+    /// Detail for a person when the sandbox failed.
+    pub message: Option<String>,
+    pub created_at: f64,
+    pub timeout: f64,
+    pub deadline: f64,
+    pub cmd: Vec<String>,
+    pub workdir: Option<String>,
+    /// Process id of the entry command (0), or null for an idle sandbox.
+    pub entry_process_id: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxList {
+    pub sandboxes: Vec<Sandbox>,
+}
+
+/// Body of `POST /v1/sandboxes/{id}/exec`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Exec {
+    pub cmd: Vec<String>,
+    #[serde(default)]
+    pub env: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub workdir: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessState {
+    Running,
+    Exited,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Process {
+    pub process_id: u32,
+    pub sandbox_id: String,
+    pub cmd: Vec<String>,
+    pub state: ProcessState,
+    pub exit_code: Option<i32>,
+    pub started_at: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ProcessList {
+    pub processes: Vec<Process>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WaitResult {
+    /// Null only for a sandbox that failed before its entry command ran.
+    pub exit_code: Option<i32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Signal {
+    pub signal: i32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Stable error codes. Clients switch on these, never on messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidRequest,
+    NotSupported,
+    Unauthorized,
+    NotFound,
+    WorkdirNotFound,
+    CommandNotFound,
+    ExecFailed,
+    WaitTimeout,
+    SandboxNotRunning,
+    OutputDiscarded,
+    PayloadTooLarge,
+    SandboxStartingFailed,
+    Internal,
+}
+
+impl ErrorCode {
+    /// The HTTP status that goes with the code; the one mapping in the project.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorCode::InvalidRequest | ErrorCode::NotSupported | ErrorCode::ExecFailed => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::NotFound | ErrorCode::WorkdirNotFound | ErrorCode::CommandNotFound => 404,
+            ErrorCode::WaitTimeout => 408,
+            ErrorCode::SandboxNotRunning => 409,
+            ErrorCode::OutputDiscarded => 410,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::Internal => 500,
+            ErrorCode::SandboxStartingFailed => 503,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::NotSupported => "not_supported",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::WorkdirNotFound => "workdir_not_found",
+            ErrorCode::CommandNotFound => "command_not_found",
+            ErrorCode::ExecFailed => "exec_failed",
+            ErrorCode::WaitTimeout => "wait_timeout",
+            ErrorCode::SandboxNotRunning => "sandbox_not_running",
+            ErrorCode::OutputDiscarded => "output_discarded",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::SandboxStartingFailed => "sandbox_starting_failed",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// Parses a code as the supervisor or a server spells it.
+    pub fn parse(s: &str) -> Option<ErrorCode> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_and_have_4xx_or_5xx() {
+        for c in [
+            ErrorCode::InvalidRequest,
+            ErrorCode::NotSupported,
+            ErrorCode::NotFound,
+            ErrorCode::WaitTimeout,
+            ErrorCode::OutputDiscarded,
+            ErrorCode::SandboxStartingFailed,
+        ] {
+            assert_eq!(ErrorCode::parse(c.as_str()), Some(c));
+            assert!(c.status() >= 400);
+        }
+    }
+
+    #[test]
+    fn create_refuses_unknown_fields() {
+        let e = serde_json::from_str::<CreateSandbox>(r#"{"cmd":["x"],"bogus":1}"#).unwrap_err();
+        assert!(e.to_string().contains("bogus"));
+    }
+}

@@ -1,0 +1,755 @@
+//! The supervisor process: owns one sandbox's `runsc run` child and the
+//! agent's pipes, keeps every process's output, and answers the daemon on a
+//! unix socket. It is started detached (its own session) so the daemon can die
+//! and come back without the sandbox noticing.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::os::unix::io::FromRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use gworker_proto::{AgentMsg, HostMsg, SpawnErrorKind, Stream, INITIAL_WINDOW, PROTOCOL_VERSION};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::wire::*;
+
+/// Unread bytes a stream may hold before the agent is told to wait.
+const UNREAD_LIMIT: u64 = 16 * 1024 * 1024;
+/// Already-read bytes kept so that a reader that lost its connection can resume.
+const RETAIN_READ: u64 = 4 * 1024 * 1024;
+/// Credit is granted in steps of at least this much.
+const CREDIT_STEP: u64 = 256 * 1024;
+/// Largest chunk sent to a reader at once.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// File descriptor on which the daemon hands the bound listening socket.
+pub const LISTENER_FD: i32 = 3;
+
+pub fn now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+struct OutBuf {
+    buf: VecDeque<u8>,
+    /// Offset of `buf[0]` in the stream.
+    start: u64,
+    eof: bool,
+    /// Highest offset handed to any reader.
+    read_hi: u64,
+    /// Credit granted to the agent and not yet used.
+    outstanding: u64,
+}
+
+impl OutBuf {
+    fn new() -> OutBuf {
+        OutBuf { buf: VecDeque::new(), start: 0, eof: false, read_hi: 0, outstanding: INITIAL_WINDOW as u64 }
+    }
+    fn end(&self) -> u64 {
+        self.start + self.buf.len() as u64
+    }
+    /// Credit to grant now, if any, keeping unread + outstanding under the limit.
+    fn credit(&mut self) -> Option<u32> {
+        if self.eof {
+            return None;
+        }
+        let unread = self.end() - self.read_hi.max(self.start);
+        let room = UNREAD_LIMIT.saturating_sub(unread + self.outstanding);
+        if room >= CREDIT_STEP {
+            let grant = room.min(u32::MAX as u64);
+            self.outstanding += grant;
+            Some(grant as u32)
+        } else {
+            None
+        }
+    }
+    /// Drops already-read bytes beyond the resume window.
+    fn evict(&mut self) {
+        let read = self.read_hi.saturating_sub(self.start);
+        if read > RETAIN_READ {
+            let drop = (read - RETAIN_READ) as usize;
+            self.buf.drain(..drop);
+            self.start += drop as u64;
+        }
+    }
+}
+
+struct Proc {
+    argv: Vec<String>,
+    started_at: f64,
+    exit_code: Option<i32>,
+    out: [OutBuf; 2],
+}
+
+fn sidx(s: Stream) -> usize {
+    match s {
+        Stream::Stdout => 0,
+        Stream::Stderr => 1,
+    }
+}
+
+struct State {
+    phase: Phase,
+    exit_code: Option<i32>,
+    reason: Option<String>,
+    message: Option<String>,
+    exited_at: Option<f64>,
+    procs: BTreeMap<u32, Proc>,
+    next_id: u32,
+    pending: HashMap<u32, oneshot::Sender<Result<(), SupError>>>,
+    /// Set once the container is being stopped; no new spawns.
+    stopping: bool,
+    /// Set once `runsc run` has ended (or never started).
+    runsc_exited: bool,
+}
+
+impl State {
+    fn status(&self) -> Status {
+        Status {
+            phase: self.phase,
+            exit_code: self.exit_code,
+            reason: self.reason.clone(),
+            message: self.message.clone(),
+            exited_at: self.exited_at,
+            procs: self
+                .procs
+                .iter()
+                .map(|(id, p)| ProcStatus { id: *id, argv: p.argv.clone(), started_at: p.started_at, exit_code: p.exit_code })
+                .collect(),
+        }
+    }
+
+    /// Marks the sandbox exited (first call wins the reason).
+    fn exit(&mut self, code: Option<i32>, reason: &str, message: Option<String>) {
+        if self.phase == Phase::Exited {
+            return;
+        }
+        self.phase = Phase::Exited;
+        self.exit_code = code;
+        self.reason = Some(reason.to_string());
+        self.message = message;
+        self.exited_at = Some(now());
+    }
+
+    /// The container is gone: every process still running is reported killed
+    /// and every stream ends.
+    fn container_gone(&mut self) {
+        for p in self.procs.values_mut() {
+            if p.exit_code.is_none() {
+                p.exit_code = Some(137);
+            }
+            for o in &mut p.out {
+                o.eof = true;
+            }
+        }
+        for (_, tx) in self.pending.drain() {
+            let _ = tx.send(Err(SupError::new("sandbox_not_running", "the sandbox stopped")));
+        }
+    }
+}
+
+struct Shared {
+    st: Mutex<State>,
+    changed: Notify,
+    to_agent: mpsc::UnboundedSender<HostMsg>,
+    cfg: LaunchConfig,
+    runsc: gworker_runtime::Runsc,
+    shutdown: Notify,
+    dir: PathBuf,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn send(&self, m: HostMsg) {
+        let _ = self.to_agent.send(m);
+    }
+}
+
+/// Entry point of `gworker supervise DIR`. Never returns.
+pub fn main(dir: &Path) -> ! {
+    let code = match run(dir) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("supervisor: {e}");
+            1
+        }
+    };
+    std::process::exit(code)
+}
+
+fn run(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let cfg: LaunchConfig = serde_json::from_slice(&std::fs::read(dir.join("launch.json"))?)?;
+    // SAFETY: the daemon passes the bound, listening socket as LISTENER_FD and
+    // nothing else in this process owns it.
+    let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(LISTENER_FD) };
+    std_listener.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(serve(dir.to_path_buf(), cfg, std_listener))
+}
+
+async fn serve(
+    dir: PathBuf,
+    cfg: LaunchConfig,
+    std_listener: std::os::unix::net::UnixListener,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let listener = UnixListener::from_std(std_listener)?;
+    let bundle = dir.join("bundle");
+    gworker_runtime::write_bundle(
+        &bundle,
+        &gworker_runtime::BundleSpec {
+            rootfs: cfg.rootfs.clone(),
+            agent: cfg.agent.clone(),
+            hostname: "sandbox".into(),
+        },
+    )?;
+    let runsc = gworker_runtime::Runsc::new(&cfg.runsc_bin, &cfg.runsc_root);
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("runsc.log"))?;
+    let mut cmd = tokio::process::Command::from(runsc.run_command(&bundle, &cfg.sandbox_id));
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::from(log));
+    let (to_agent, rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        st: Mutex::new(State {
+            phase: Phase::Starting,
+            exit_code: None,
+            reason: None,
+            message: None,
+            exited_at: None,
+            procs: BTreeMap::new(),
+            next_id: 1,
+            pending: HashMap::new(),
+            stopping: false,
+            runsc_exited: false,
+        }),
+        changed: Notify::new(),
+        to_agent,
+        cfg: cfg.clone(),
+        runsc: runsc.clone(),
+        shutdown: Notify::new(),
+        dir: dir.clone(),
+    });
+    match cmd.spawn() {
+        Ok(mut child) => {
+            let stdin = child.stdin.take().expect("piped");
+            let stdout = child.stdout.take().expect("piped");
+            tokio::spawn(agent_writer(stdin, rx));
+            tokio::spawn(agent_reader(shared.clone(), stdout));
+            tokio::spawn(runsc_waiter(shared.clone(), child));
+        }
+        Err(e) => {
+            let mut st = shared.lock();
+            st.exit(None, "failed", Some(format!("cannot start runsc: {e}")));
+            st.container_gone();
+            st.stopping = true;
+            st.runsc_exited = true;
+        }
+    }
+    tokio::spawn(deadline_timer(shared.clone()));
+    let accept = {
+        let shared = shared.clone();
+        async move {
+            loop {
+                match listener.accept().await {
+                    Ok((conn, _)) => {
+                        tokio::spawn(handle_conn(shared.clone(), conn));
+                    }
+                    Err(e) => {
+                        eprintln!("supervisor: accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = accept => {}
+        _ = shared.shutdown.notified() => {}
+    }
+    Ok(())
+}
+
+async fn agent_writer(mut stdin: tokio::process::ChildStdin, mut rx: mpsc::UnboundedReceiver<HostMsg>) {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    while let Some(m) = rx.recv().await {
+        buf.clear();
+        m.encode(&mut buf);
+        while let Ok(m) = rx.try_recv() {
+            m.encode(&mut buf);
+            if buf.len() > 1 << 20 {
+                break;
+            }
+        }
+        if stdin.write_all(&buf).await.is_err() {
+            break;
+        }
+    }
+}
+
+async fn agent_reader(shared: Arc<Shared>, stdout: tokio::process::ChildStdout) {
+    let mut r = BufReader::with_capacity(512 * 1024, stdout);
+    let mut frame = Vec::new();
+    loop {
+        let mut len = [0u8; 4];
+        if r.read_exact(&mut len).await.is_err() {
+            break;
+        }
+        let n = match gworker_proto::frame_len(len) {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("supervisor: bad frame from agent: {e}");
+                break;
+            }
+        };
+        frame.resize(n, 0);
+        if r.read_exact(&mut frame).await.is_err() {
+            break;
+        }
+        match AgentMsg::decode(&frame) {
+            Ok(m) => on_agent_msg(&shared, m),
+            Err(e) => {
+                eprintln!("supervisor: undecodable frame from agent: {e}");
+                break;
+            }
+        }
+    }
+}
+
+fn on_agent_msg(shared: &Arc<Shared>, m: AgentMsg) {
+    let mut st = shared.lock();
+    match m {
+        AgentMsg::Hello { version, agent } => {
+            if version != PROTOCOL_VERSION {
+                st.exit(None, "failed", Some(format!("agent {agent} speaks protocol {version}, expected {PROTOCOL_VERSION}")));
+                drop(st);
+                stop_container(shared.clone());
+                return;
+            }
+            if st.phase == Phase::Starting {
+                st.phase = Phase::Running;
+                if let Some(entry) = shared.cfg.entry.clone() {
+                    st.procs.insert(0, new_proc(&entry));
+                    let (tx, rx) = oneshot::channel();
+                    st.pending.insert(0, tx);
+                    shared.send(spawn_msg(0, &entry));
+                    tokio::spawn(entry_spawn_result(shared.clone(), rx));
+                }
+            }
+        }
+        AgentMsg::Spawned { pid, .. } => {
+            if let Some(tx) = st.pending.remove(&pid) {
+                let _ = tx.send(Ok(()));
+            }
+        }
+        AgentMsg::SpawnFailed { pid, kind, message } => {
+            if let Some(tx) = st.pending.remove(&pid) {
+                let code = match kind {
+                    SpawnErrorKind::NotFound => "command_not_found",
+                    SpawnErrorKind::NoWorkdir => "workdir_not_found",
+                    SpawnErrorKind::NotExecutable | SpawnErrorKind::Other => "exec_failed",
+                };
+                let _ = tx.send(Err(SupError::new(code, message)));
+            }
+        }
+        AgentMsg::Output { pid, stream, data } => {
+            if let Some(p) = st.procs.get_mut(&pid) {
+                let o = &mut p.out[sidx(stream)];
+                o.outstanding = o.outstanding.saturating_sub(data.len() as u64);
+                o.buf.extend(data);
+                if let Some(bytes) = o.credit() {
+                    shared.send(HostMsg::Credit { pid, stream, bytes });
+                }
+            }
+        }
+        AgentMsg::Eof { pid, stream } => {
+            if let Some(p) = st.procs.get_mut(&pid) {
+                p.out[sidx(stream)].eof = true;
+            }
+        }
+        AgentMsg::Exited { pid, code } => {
+            if let Some(p) = st.procs.get_mut(&pid) {
+                p.exit_code = Some(code);
+            }
+            if pid == 0 {
+                st.exit(Some(code), "exited", None);
+                drop(st);
+                tokio::spawn(stop_after_entry(shared.clone()));
+                shared.changed.notify_waiters();
+                return;
+            }
+        }
+        AgentMsg::Pong { .. } => {}
+        AgentMsg::Log { message } => eprintln!("agent: {message}"),
+    }
+    drop(st);
+    shared.changed.notify_waiters();
+}
+
+fn new_proc(spec: &ProcSpec) -> Proc {
+    Proc { argv: spec.argv.clone(), started_at: now(), exit_code: None, out: [OutBuf::new(), OutBuf::new()] }
+}
+
+fn spawn_msg(pid: u32, spec: &ProcSpec) -> HostMsg {
+    HostMsg::Spawn(gworker_proto::Spawn {
+        pid,
+        flags: if spec.mkdir_cwd { gworker_proto::SPAWN_MKDIR_CWD } else { 0 },
+        argv: spec.argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        env: spec.env.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        cwd: spec.cwd.as_bytes().to_vec(),
+    })
+}
+
+/// An entry command that cannot start ends the sandbox the way a shell would:
+/// 127 (not found) or 126 (cannot execute), with the reason on its stderr.
+async fn entry_spawn_result(shared: Arc<Shared>, rx: oneshot::Receiver<Result<(), SupError>>) {
+    let Ok(Err(e)) = rx.await else { return };
+    {
+        let mut st = shared.lock();
+        let code = if e.code == "command_not_found" { 127 } else { 126 };
+        if let Some(p) = st.procs.get_mut(&0) {
+            p.exit_code = Some(code);
+            p.out[1].buf.extend(format!("gworker: {}\n", e.message).into_bytes());
+            for o in &mut p.out {
+                o.eof = true;
+            }
+        }
+        st.exit(Some(code), "exited", None);
+    }
+    shared.changed.notify_waiters();
+    stop_container(shared);
+}
+
+/// After the entry command exits, give its streams a moment to drain, then
+/// stop the container (every other process goes with it).
+async fn stop_after_entry(shared: Arc<Shared>) {
+    let grace = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let notified = shared.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        {
+            let st = shared.lock();
+            let drained = st.procs.get(&0).map(|p| p.out.iter().all(|o| o.eof)).unwrap_or(true);
+            if drained {
+                break;
+            }
+        }
+        if tokio::time::timeout_at(grace, notified).await.is_err() {
+            break;
+        }
+    }
+    stop_container(shared);
+}
+
+/// Kills the container in the background; `runsc_waiter` sees it end.
+fn stop_container(shared: Arc<Shared>) {
+    {
+        let mut st = shared.lock();
+        if st.stopping {
+            return;
+        }
+        st.stopping = true;
+    }
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = shared.runsc.kill(&shared.cfg.sandbox_id, "KILL") {
+            // Already gone is fine; anything else is worth a log line.
+            eprintln!("supervisor: {e}");
+        }
+    });
+}
+
+async fn runsc_waiter(shared: Arc<Shared>, mut child: tokio::process::Child) {
+    let status = child.wait().await;
+    {
+        let mut st = shared.lock();
+        if st.phase != Phase::Exited {
+            let tail = log_tail(&shared.dir.join("runsc.log"));
+            let msg = match (&status, st.phase) {
+                (_, Phase::Starting) => format!("the sandbox failed to start: {tail}"),
+                (Ok(s), _) => format!("the sandbox stopped unexpectedly ({s}): {tail}"),
+                (Err(e), _) => format!("the sandbox stopped unexpectedly: {e}"),
+            };
+            st.exit(Some(137), "failed", Some(msg));
+        }
+        st.container_gone();
+        st.stopping = true;
+    }
+    let s2 = shared.clone();
+    let _ = tokio::task::spawn_blocking(move || s2.runsc.delete_force(&s2.cfg.sandbox_id)).await;
+    shared.lock().runsc_exited = true;
+    shared.changed.notify_waiters();
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let start = lines.len().saturating_sub(3);
+    lines[start..].join(" | ")
+}
+
+async fn deadline_timer(shared: Arc<Shared>) {
+    let left = shared.cfg.deadline - now();
+    if left > 0.0 {
+        tokio::time::sleep(Duration::from_secs_f64(left)).await;
+    }
+    kill_sandbox(&shared, "timeout");
+}
+
+fn kill_sandbox(shared: &Arc<Shared>, reason: &str) {
+    {
+        let mut st = shared.lock();
+        if st.phase == Phase::Exited && st.stopping {
+            return;
+        }
+        st.exit(Some(137), reason, None);
+    }
+    shared.changed.notify_waiters();
+    stop_container(shared.clone());
+}
+
+async fn handle_conn(shared: Arc<Shared>, conn: UnixStream) {
+    let (r, mut w) = conn.into_split();
+    let mut r = BufReader::new(r);
+    let mut line = String::new();
+    match (&mut r).take(64 * 1024).read_line(&mut line).await {
+        Ok(n) if n > 0 => {}
+        _ => return,
+    }
+    let req: Request = match serde_json::from_str(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = answer(&mut w, Err(SupError::new("invalid_request", e.to_string()))).await;
+            return;
+        }
+    };
+    let result = match req {
+        Request::Status => Ok(serde_json::to_value(shared.lock().status()).expect("status serializes")),
+        Request::Spawn { spec } => spawn(&shared, spec).await,
+        Request::Wait { id, timeout_ms } => wait(&shared, id, timeout_ms).await,
+        Request::Read { id, stream, offset } => {
+            read(&shared, &mut w, id, stream, offset).await;
+            return;
+        }
+        Request::Stdin { id, len } => stdin(&shared, &mut r, id, len).await,
+        Request::StdinClose { id } => with_running_proc(&shared, id, || HostMsg::StdinClose { pid: id }),
+        Request::Signal { id, signo } => with_running_proc(&shared, id, || HostMsg::Signal { pid: id, signo }),
+        Request::Kill { reason } => {
+            kill_sandbox(&shared, &reason);
+            Ok(serde_json::Value::Null)
+        }
+        Request::Shutdown => {
+            shutdown(&shared).await;
+            let _ = answer(&mut w, Ok(serde_json::Value::Null)).await;
+            shared.shutdown.notify_one();
+            return;
+        }
+    };
+    let _ = answer(&mut w, result).await;
+}
+
+async fn answer(w: &mut tokio::net::unix::OwnedWriteHalf, a: Result<serde_json::Value, SupError>) -> std::io::Result<()> {
+    let a = match a {
+        Ok(v) => Answer::Ok(v),
+        Err(e) => Answer::Err(e),
+    };
+    let mut line = serde_json::to_vec(&a).expect("answer serializes");
+    line.push(b'\n');
+    w.write_all(&line).await
+}
+
+fn not_running() -> SupError {
+    SupError::new("sandbox_not_running", "the sandbox is not running")
+}
+
+/// Waits until the agent said hello (or the sandbox ended).
+async fn wait_running(shared: &Arc<Shared>) -> Result<(), SupError> {
+    loop {
+        let notified = shared.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        {
+            let st = shared.lock();
+            match st.phase {
+                Phase::Running if !st.stopping => return Ok(()),
+                Phase::Starting => {}
+                _ => return Err(not_running()),
+            }
+        }
+        notified.await;
+    }
+}
+
+async fn spawn(shared: &Arc<Shared>, spec: ProcSpec) -> Result<serde_json::Value, SupError> {
+    wait_running(shared).await?;
+    let (id, rx) = {
+        let mut st = shared.lock();
+        if st.phase != Phase::Running || st.stopping {
+            return Err(not_running());
+        }
+        let id = st.next_id;
+        st.next_id += 1;
+        st.procs.insert(id, new_proc(&spec));
+        let (tx, rx) = oneshot::channel();
+        st.pending.insert(id, tx);
+        shared.send(spawn_msg(id, &spec));
+        (id, rx)
+    };
+    let res = rx.await.unwrap_or_else(|_| Err(not_running()));
+    match res {
+        Ok(()) => Ok(serde_json::json!({ "id": id })),
+        Err(e) => {
+            shared.lock().procs.remove(&id);
+            Err(e)
+        }
+    }
+}
+
+async fn wait(shared: &Arc<Shared>, id: Option<u32>, timeout_ms: u64) -> Result<serde_json::Value, SupError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+    loop {
+        let notified = shared.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        {
+            let st = shared.lock();
+            let code = match id {
+                None => (st.phase == Phase::Exited).then_some(st.exit_code),
+                Some(id) => match st.procs.get(&id) {
+                    None => return Err(SupError::new("not_found", format!("no process {id} in this sandbox"))),
+                    Some(p) => p.exit_code.map(Some),
+                },
+            };
+            if let Some(code) = code {
+                return Ok(serde_json::json!({ "exit_code": code }));
+            }
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return Err(SupError::new("wait_timeout", "the process is still running"));
+        }
+    }
+}
+
+fn with_running_proc(shared: &Arc<Shared>, id: u32, msg: impl FnOnce() -> HostMsg) -> Result<serde_json::Value, SupError> {
+    let st = shared.lock();
+    let p = st.procs.get(&id).ok_or_else(|| SupError::new("not_found", format!("no process {id} in this sandbox")))?;
+    if st.stopping || st.phase != Phase::Running {
+        return Err(not_running());
+    }
+    if p.exit_code.is_none() {
+        shared.send(msg());
+    }
+    Ok(serde_json::Value::Null)
+}
+
+async fn stdin(
+    shared: &Arc<Shared>,
+    r: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+    id: u32,
+    len: u64,
+) -> Result<serde_json::Value, SupError> {
+    with_running_proc(shared, id, || HostMsg::Stdin { pid: id, data: Vec::new() })?;
+    let mut left = len;
+    let mut chunk = vec![0u8; 64 * 1024];
+    while left > 0 {
+        let n = (left as usize).min(chunk.len());
+        r.read_exact(&mut chunk[..n]).await.map_err(|e| SupError::new("invalid_request", format!("stdin cut short: {e}")))?;
+        shared.send(HostMsg::Stdin { pid: id, data: chunk[..n].to_vec() });
+        left -= n as u64;
+    }
+    Ok(serde_json::Value::Null)
+}
+
+async fn read(shared: &Arc<Shared>, w: &mut tokio::net::unix::OwnedWriteHalf, id: u32, stream: StreamName, mut offset: u64) {
+    let s = match stream {
+        StreamName::Stdout => Stream::Stdout,
+        StreamName::Stderr => Stream::Stderr,
+    };
+    {
+        let check = match shared.lock().procs.get(&id) {
+            None => Err(SupError::new("not_found", format!("no process {id} in this sandbox"))),
+            Some(p) if offset < p.out[sidx(s)].start => Err(SupError::new(
+                "output_discarded",
+                format!("output before byte {} was already read and discarded", p.out[sidx(s)].start),
+            )),
+            Some(_) => Ok(serde_json::json!({ "offset": offset })),
+        };
+        let failed = check.is_err();
+        if answer(w, check).await.is_err() || failed {
+            return;
+        }
+    }
+    let mut chunk = Vec::with_capacity(READ_CHUNK + 4);
+    loop {
+        let notified = shared.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let mut done = false;
+        chunk.clear();
+        {
+            let mut st = shared.lock();
+            let Some(p) = st.procs.get_mut(&id) else { return };
+            let o = &mut p.out[sidx(s)];
+            if offset < o.start {
+                return; // evicted under us: end without the clean marker, the reader will see 410
+            }
+            let end = o.end();
+            if offset < end {
+                let from = (offset - o.start) as usize;
+                let n = ((end - offset) as usize).min(READ_CHUNK);
+                chunk.extend_from_slice(&(n as u32).to_le_bytes());
+                let (a, b) = o.buf.as_slices();
+                if from < a.len() {
+                    let ta = n.min(a.len() - from);
+                    chunk.extend_from_slice(&a[from..from + ta]);
+                    chunk.extend_from_slice(&b[..n - ta]);
+                } else {
+                    chunk.extend_from_slice(&b[from - a.len()..from - a.len() + n]);
+                }
+                offset += n as u64;
+                o.read_hi = o.read_hi.max(offset);
+                o.evict();
+                if let Some(bytes) = o.credit() {
+                    shared.send(HostMsg::Credit { pid: id, stream: s, bytes });
+                }
+            } else if o.eof {
+                done = true;
+            }
+        }
+        if done {
+            let _ = w.write_all(&0u32.to_le_bytes()).await;
+            return;
+        }
+        if !chunk.is_empty() {
+            if w.write_all(&chunk).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        notified.await;
+    }
+}
+
+/// Stops the container and removes runsc's state; the caller ends the process.
+async fn shutdown(shared: &Arc<Shared>) {
+    kill_sandbox(shared, "killed");
+    // Wait for runsc_waiter to see the container end (bounded).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let notified = shared.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if shared.lock().runsc_exited {
+            return;
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            break;
+        }
+    }
+    // runsc did not end in time: remove its state by force.
+    let s2 = shared.clone();
+    let _ = tokio::task::spawn_blocking(move || s2.runsc.delete_force(&s2.cfg.sandbox_id)).await;
+}
+

@@ -1,0 +1,108 @@
+//! What the daemon and a supervisor say to each other over the supervisor's
+//! unix socket: one JSON request line per connection, one JSON answer line,
+//! and for `read` a stream of length-prefixed chunks (`u32` LE length, then
+//! bytes; length 0 ends the stream cleanly). For `stdin` the request line is
+//! followed by exactly `len` raw bytes.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything a supervisor needs to start, written by the engine as
+/// `launch.json` in the sandbox directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LaunchConfig {
+    pub sandbox_id: String,
+    pub runsc_bin: PathBuf,
+    pub runsc_root: PathBuf,
+    pub rootfs: PathBuf,
+    pub agent: PathBuf,
+    /// The entry command (process id 0); `None` keeps the sandbox idle.
+    pub entry: Option<ProcSpec>,
+    /// Unix time (seconds) at which the sandbox is killed with reason `timeout`.
+    pub deadline: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProcSpec {
+    pub argv: Vec<String>,
+    /// Complete environment, `KEY=VALUE`.
+    pub env: Vec<String>,
+    pub cwd: String,
+    /// Create `cwd` if it is missing.
+    pub mkdir_cwd: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamName {
+    Stdout,
+    Stderr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Spawn { spec: ProcSpec },
+    /// Waits for process `id` (or the sandbox when `None`) to exit.
+    Wait { id: Option<u32>, timeout_ms: u64 },
+    Read { id: u32, stream: StreamName, offset: u64 },
+    Stdin { id: u32, len: u64 },
+    StdinClose { id: u32 },
+    Signal { id: u32, signo: i32 },
+    /// Stops the sandbox's container; the sandbox stays inspectable.
+    Kill { reason: String },
+    /// Stops everything, removes runsc state, and ends the supervisor.
+    Shutdown,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Starting,
+    Running,
+    Exited,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProcStatus {
+    pub id: u32,
+    pub argv: Vec<String>,
+    pub started_at: f64,
+    pub exit_code: Option<i32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub phase: Phase,
+    /// The entry command's exit code (137 when killed at timeout or by terminate).
+    pub exit_code: Option<i32>,
+    /// `exited`, `timeout`, `failed`, `killed`, `oom`.
+    pub reason: Option<String>,
+    /// Human-readable detail when the sandbox failed.
+    pub message: Option<String>,
+    pub exited_at: Option<f64>,
+    pub procs: Vec<ProcStatus>,
+}
+
+/// Error codes a supervisor answers with; the engine maps them to API errors.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SupError {
+    pub code: String,
+    pub message: String,
+}
+
+impl SupError {
+    pub fn new(code: &str, message: impl Into<String>) -> SupError {
+        SupError { code: code.to_string(), message: message.into() }
+    }
+}
+
+/// One answer line: `{"ok": ...}` or `{"err": {...}}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Answer {
+    Ok(serde_json::Value),
+    Err(SupError),
+}
