@@ -1,1 +1,39 @@
-fn main() {}
+//! `gworker`: the daemon (`serve`), the hidden per-sandbox `supervise`, and
+//! the client commands. Thin: parsing and printing only.
+
+mod client_cmds;
+mod serve;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "gworker", version, about = "Self-hosted gVisor sandboxes for untrusted code")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon (API on a unix socket; TCP with --listen and GWORKER_TOKEN).
+    Serve(serve::ServeArgs),
+    /// Manage sandboxes through a running daemon.
+    #[command(subcommand)]
+    Sandbox(client_cmds::SandboxCmd),
+    /// Build and list images.
+    #[command(subcommand)]
+    Image(serve::ImageCmd),
+    /// Internal: the per-sandbox supervisor process (started by the daemon).
+    #[command(hide = true)]
+    Supervise { dir: std::path::PathBuf },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Supervise { dir } => gworker_supervisor::server::main(&dir),
+        Cmd::Serve(args) => serve::serve(args),
+        Cmd::Image(cmd) => serve::image(cmd),
+        Cmd::Sandbox(cmd) => client_cmds::run(cmd),
+    }
+}

@@ -1,1 +1,76 @@
-//! gworker-daemon (placeholder)
+//! The daemon's HTTP API (axum): parses requests, calls the engine, maps its
+//! errors to status codes in one place ([`error`]). No sandbox logic lives
+//! here. Listens on a unix socket (mode 0600) and, with a token, on TCP.
+
+mod error;
+pub mod openapi;
+mod routes;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use gworker_engine::{Engine, EngineConfig};
+
+pub use openapi::openapi_json;
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub engine: EngineConfig,
+    pub socket: PathBuf,
+    pub listen: Option<SocketAddr>,
+    pub token: Option<String>,
+}
+
+pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    if opts.listen.is_some() && opts.token.as_deref().unwrap_or("").is_empty() {
+        anyhow::bail!("--listen needs a token: set GWORKER_TOKEN to a secret string (every TCP request must send it as `Authorization: Bearer <token>`)");
+    }
+    if !opts.engine.agent.is_file() {
+        anyhow::bail!(
+            "the sandbox agent binary {} does not exist; build it with `bash scripts/build-agent.sh` or pass --agent",
+            opts.engine.agent.display()
+        );
+    }
+    let engine = tokio::task::spawn_blocking({
+        let cfg = opts.engine.clone();
+        move || Engine::open(cfg)
+    })
+    .await?
+    .map_err(|e| anyhow::anyhow!("cannot open the data directory: {e}"))?;
+
+    tokio::spawn({
+        let engine = engine.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                engine.housekeep().await;
+            }
+        }
+    });
+
+    if let Some(parent) = opts.socket.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let _ = std::fs::remove_file(&opts.socket);
+    let unix = tokio::net::UnixListener::bind(&opts.socket)
+        .with_context(|| format!("cannot listen on {}", opts.socket.display()))?;
+    std::fs::set_permissions(&opts.socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    tracing::info!(socket = %opts.socket.display(), "listening");
+
+    let app = routes::router(engine.clone(), None);
+    let unix_server = axum::serve(unix, app.into_make_service());
+
+    if let Some(addr) = opts.listen {
+        let tcp = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        tracing::info!(%addr, "listening on TCP (token required)");
+        let app = routes::router(engine.clone(), opts.token.clone().map(Arc::new));
+        let tcp_server = axum::serve(tcp, app.into_make_service());
+        tokio::try_join!(async { unix_server.await }, async { tcp_server.await })?;
+    } else {
+        unix_server.await?;
+    }
+    Ok(())
+}

@@ -1,1 +1,690 @@
-//! gworker-engine (placeholder)
+//! The engine: sandboxes and their lifecycle. It validates requests, keeps the
+//! registry, builds images, starts one detached supervisor per sandbox and
+//! talks to it. It never speaks HTTP (the daemon does) and never runs `runsc`
+//! itself (only the supervisor, through the runtime crate, does).
+//!
+//! Invariants:
+//! - A sandbox is in the registry from `create` until `terminate` (or the end
+//!   of its retention period); `lookup` of anything else is `NotFound`.
+//! - The supervisor is the source of truth for a live sandbox; the registry
+//!   caches what it reported so that ended sandboxes stay inspectable.
+//! - Killing the daemon loses nothing: supervisors are in their own session and
+//!   are found again through their socket in the data directory.
+
+pub mod registry;
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gworker_api::{self as api, ErrorCode};
+use gworker_images::ImageStore;
+use gworker_supervisor::client::{ClientError, OutputReader};
+use gworker_supervisor::{LaunchConfig, Phase, ProcSpec, StreamName, SupClient};
+use tokio::sync::watch;
+
+pub use registry::{ProcessRow, Registry, SandboxRow};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotSupported(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{message}")]
+    Coded { code: ErrorCode, message: String },
+    #[error("the process is still running")]
+    WaitTimeout,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl EngineError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            EngineError::Invalid(_) => ErrorCode::InvalidRequest,
+            EngineError::NotSupported(_) => ErrorCode::NotSupported,
+            EngineError::NotFound(_) => ErrorCode::NotFound,
+            EngineError::Coded { code, .. } => *code,
+            EngineError::WaitTimeout => ErrorCode::WaitTimeout,
+            EngineError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+impl From<registry::RegistryError> for EngineError {
+    fn from(e: registry::RegistryError) -> Self {
+        EngineError::Internal(e.to_string())
+    }
+}
+
+fn from_client(e: ClientError) -> EngineError {
+    match e {
+        ClientError::Sup(e) => EngineError::Coded {
+            code: ErrorCode::parse(&e.code).unwrap_or(ErrorCode::Internal),
+            message: e.message,
+        },
+        ClientError::Unreachable(_) => EngineError::Coded {
+            code: ErrorCode::SandboxNotRunning,
+            message: "the sandbox is not running".into(),
+        },
+        ClientError::Protocol(m) => EngineError::Internal(m),
+    }
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub data_dir: PathBuf,
+    pub runsc_bin: PathBuf,
+    /// The static agent binary mounted into every sandbox.
+    pub agent: PathBuf,
+    /// The executable started as `EXE supervise DIR` for each sandbox.
+    pub supervisor_exe: PathBuf,
+    /// How long an exited sandbox stays inspectable before it is removed.
+    pub retention: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Ready {
+    Pending,
+    Up,
+    Failed(String),
+}
+
+struct Live {
+    sup: SupClient,
+    ready: watch::Receiver<Ready>,
+}
+
+pub struct Engine {
+    cfg: EngineConfig,
+    reg: Registry,
+    images: ImageStore,
+    live: Mutex<HashMap<String, Arc<Live>>>,
+}
+
+pub fn now() -> f64 {
+    gworker_supervisor::server::now()
+}
+
+/// Environment every process starts from, before the image's and the user's.
+const BASE_ENV: &[(&str, &str)] = &[
+    ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+    ("HOME", "/root"),
+];
+
+fn valid_env_name(k: &str) -> bool {
+    let mut chars = k.chars();
+    matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
+        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+}
+
+fn check_env(env: &BTreeMap<String, String>) -> Result<()> {
+    for (k, v) in env {
+        if !valid_env_name(k) {
+            return Err(EngineError::Invalid(format!(
+                "invalid environment variable name {k:?}: names must match [A-Za-z_][A-Za-z0-9_]*"
+            )));
+        }
+        if v.contains('\0') {
+            return Err(EngineError::Invalid(format!("environment variable {k} contains a NUL byte")));
+        }
+    }
+    Ok(())
+}
+
+fn check_workdir(w: &str) -> Result<()> {
+    if !w.starts_with('/') {
+        return Err(EngineError::Invalid(format!("workdir must be an absolute path, got {w:?}")));
+    }
+    if w.contains('\0') {
+        return Err(EngineError::Invalid("workdir contains a NUL byte".into()));
+    }
+    Ok(())
+}
+
+fn check_argv(argv: &[String]) -> Result<()> {
+    if argv.first().map(|a| a.is_empty()).unwrap_or(true) {
+        return Err(EngineError::Invalid("cmd must be a non-empty list whose first item names a program".into()));
+    }
+    if argv.iter().any(|a| a.contains('\0')) {
+        return Err(EngineError::Invalid("cmd arguments must not contain NUL bytes".into()));
+    }
+    Ok(())
+}
+
+fn merge_env(layers: &[&[(String, String)]]) -> Vec<String> {
+    let mut m: BTreeMap<&str, &str> = BASE_ENV.iter().copied().collect();
+    for layer in layers {
+        for (k, v) in layer.iter() {
+            m.insert(k, v);
+        }
+    }
+    m.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+fn new_id() -> String {
+    let mut b = [0u8; 16];
+    rand::Rng::fill(&mut rand::rngs::OsRng, &mut b);
+    format!("sb-{}", hex::encode(b))
+}
+
+/// IDs come from users: only well-formed ones touch paths.
+fn check_id(id: &str) -> Result<()> {
+    let ok = id.len() == 35 && id.starts_with("sb-") && id[3..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+    if ok {
+        Ok(())
+    } else {
+        Err(not_found(id))
+    }
+}
+
+fn not_found(id: &str) -> EngineError {
+    EngineError::NotFound(format!("no sandbox {id:?}: it does not exist or was terminated"))
+}
+
+impl Engine {
+    /// Opens the data directory, the registry, and finds the supervisors of
+    /// sandboxes that were running before a restart.
+    pub fn open(cfg: EngineConfig) -> Result<Arc<Engine>> {
+        for d in ["images", "runsc", "sandboxes", "sock"] {
+            std::fs::create_dir_all(cfg.data_dir.join(d))
+                .map_err(|e| EngineError::Internal(format!("cannot create {}: {e}", cfg.data_dir.join(d).display())))?;
+        }
+        let reg = Registry::open(&cfg.data_dir.join("gworker.db"))?;
+        let images = ImageStore::new(cfg.data_dir.join("images"));
+        let engine = Arc::new(Engine { cfg, reg, images, live: Mutex::new(HashMap::new()) });
+        engine.recover()?;
+        Ok(engine)
+    }
+
+    pub fn images(&self) -> &ImageStore {
+        &self.images
+    }
+
+    fn sock_path(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("sock").join(id)
+    }
+
+    fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("sandboxes").join(id)
+    }
+
+    fn recover(&self) -> Result<()> {
+        for row in self.reg.list_sandboxes()? {
+            let sock = self.sock_path(&row.id);
+            let alive = std::os::unix::net::UnixStream::connect(&sock).is_ok();
+            if alive {
+                let (_tx, rx) = watch::channel(Ready::Up);
+                self.live.lock().unwrap().insert(row.id.clone(), Arc::new(Live { sup: SupClient::new(sock), ready: rx }));
+            } else if row.state != "exited" {
+                tracing::warn!(sandbox = %row.id, "supervisor gone while the daemon was down");
+                self.reg.set_exited(&row.id, None, "lost", Some("the sandbox's supervisor ended while the daemon was down"), now())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn live(&self, id: &str) -> Option<Arc<Live>> {
+        self.live.lock().unwrap().get(id).cloned()
+    }
+
+    fn row(&self, id: &str) -> Result<SandboxRow> {
+        check_id(id)?;
+        self.reg.get_sandbox(id)?.ok_or_else(|| not_found(id))
+    }
+
+    /// Waits until the sandbox's supervisor exists; errors if it failed to start.
+    async fn up(&self, id: &str) -> Result<Arc<Live>> {
+        let row = self.row(id)?;
+        let live = self.live(id).ok_or_else(|| EngineError::Coded {
+            code: ErrorCode::SandboxNotRunning,
+            message: format!("sandbox {id} is not running ({})", row.reason.as_deref().unwrap_or("exited")),
+        })?;
+        let mut rx = live.ready.clone();
+        let r = rx.wait_for(|r| *r != Ready::Pending).await.map(|r| r.clone());
+        match r {
+            Ok(Ready::Up) => Ok(live),
+            Ok(Ready::Failed(m)) => Err(EngineError::Coded { code: ErrorCode::SandboxStartingFailed, message: m }),
+            _ => Err(EngineError::Internal("sandbox start was abandoned".into())),
+        }
+    }
+
+    pub async fn create(self: &Arc<Self>, req: api::CreateSandbox) -> Result<api::Sandbox> {
+        if req.secrets.as_ref().is_some_and(|s| !s.is_empty()) {
+            return Err(EngineError::NotSupported("secrets are not supported yet".into()));
+        }
+        if req.volumes.as_ref().is_some_and(|v| !v.is_empty()) {
+            return Err(EngineError::NotSupported("volumes are not supported yet".into()));
+        }
+        if req.snapshot.as_ref().is_some_and(|s| !s.is_null()) {
+            return Err(EngineError::NotSupported("restoring from a snapshot is not supported yet".into()));
+        }
+        let cmd = req.cmd.unwrap_or_default();
+        if !cmd.is_empty() {
+            check_argv(&cmd)?;
+        }
+        let image = req.image.unwrap_or_else(|| gworker_images::DEFAULT_IMAGE.to_string());
+        if !ImageStore::is_known(&image) {
+            return Err(EngineError::NotFound(format!(
+                "unknown image {image:?}; known images: {}",
+                gworker_images::BUILTIN_IMAGES.join(", ")
+            )));
+        }
+        let timeout = req.timeout.unwrap_or(api::DEFAULT_TIMEOUT_SECS);
+        if !(timeout.is_finite() && timeout > 0.0 && timeout <= api::MAX_TIMEOUT_SECS) {
+            return Err(EngineError::Invalid(format!(
+                "timeout must be a number of seconds above 0 and at most {}, got {timeout}",
+                api::MAX_TIMEOUT_SECS
+            )));
+        }
+        let env = req.env.unwrap_or_default();
+        check_env(&env)?;
+        if let Some(w) = &req.workdir {
+            check_workdir(w)?;
+        }
+        let created_at = now();
+        let row = SandboxRow {
+            id: new_id(),
+            image,
+            cmd,
+            env: env.into_iter().collect(),
+            workdir: req.workdir,
+            created_at,
+            timeout,
+            deadline: created_at + timeout,
+            state: "starting".into(),
+            exit_code: None,
+            reason: None,
+            message: None,
+            exited_at: None,
+        };
+        self.reg.insert_sandbox(&row)?;
+        let (tx, rx) = watch::channel(Ready::Pending);
+        self.live
+            .lock()
+            .unwrap()
+            .insert(row.id.clone(), Arc::new(Live { sup: SupClient::new(self.sock_path(&row.id)), ready: rx }));
+        let engine = self.clone();
+        let r2 = row.clone();
+        tokio::spawn(async move {
+            let id = r2.id.clone();
+            let res = engine.start(r2).await;
+            match res {
+                Ok(()) => {
+                    let _ = tx.send(Ready::Up);
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    tracing::warn!(sandbox = %id, error = %msg, "sandbox failed to start");
+                    let _ = engine.reg.set_exited(&id, None, "failed", Some(&msg), now());
+                    let _ = tx.send(Ready::Failed(msg));
+                }
+            }
+        });
+        Ok(self.view(&row, None))
+    }
+
+    /// Builds the image if needed and starts the sandbox's supervisor.
+    async fn start(&self, row: SandboxRow) -> Result<()> {
+        let images = self.images.clone();
+        let name = row.image.clone();
+        let info = tokio::task::spawn_blocking(move || {
+            images.ensure(&name, &mut |line| tracing::info!(image = %name, "{line}"))
+        })
+        .await
+        .map_err(|e| EngineError::Internal(e.to_string()))?
+        .map_err(|e| EngineError::Coded { code: ErrorCode::SandboxStartingFailed, message: e.to_string() })?;
+        let entry = (!row.cmd.is_empty()).then(|| ProcSpec {
+            argv: row.cmd.clone(),
+            env: merge_env(&[&info.env, &row.env]),
+            cwd: row.workdir.clone().unwrap_or_else(|| "/".into()),
+            mkdir_cwd: true,
+        });
+        let launch = LaunchConfig {
+            sandbox_id: row.id.clone(),
+            runsc_bin: self.cfg.runsc_bin.clone(),
+            runsc_root: self.cfg.data_dir.join("runsc"),
+            rootfs: info.rootfs.clone(),
+            agent: self.cfg.agent.clone(),
+            entry,
+            deadline: row.deadline,
+        };
+        let dir = self.sandbox_dir(&row.id);
+        let sock = self.sock_path(&row.id);
+        let exe = self.cfg.supervisor_exe.clone();
+        tokio::task::spawn_blocking(move || spawn_supervisor(&exe, &dir, &sock, &launch))
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))?
+            .map_err(|e| EngineError::Internal(format!("cannot start the supervisor: {e}")))?;
+        self.reg.set_state(&row.id, "running")?;
+        Ok(())
+    }
+
+    fn view(&self, row: &SandboxRow, status: Option<&gworker_supervisor::Status>) -> api::Sandbox {
+        let mut s = api::Sandbox {
+            sandbox_id: row.id.clone(),
+            image: row.image.clone(),
+            state: match row.state.as_str() {
+                "exited" => api::SandboxState::Exited,
+                "running" => api::SandboxState::Running,
+                _ => api::SandboxState::Starting,
+            },
+            exit_code: row.exit_code,
+            reason: row.reason.clone(),
+            message: row.message.clone(),
+            created_at: row.created_at,
+            timeout: row.timeout,
+            deadline: row.deadline,
+            cmd: row.cmd.clone(),
+            workdir: row.workdir.clone(),
+            entry_process_id: (!row.cmd.is_empty()).then_some(0),
+        };
+        if let Some(st) = status {
+            s.state = match st.phase {
+                Phase::Starting => api::SandboxState::Starting,
+                Phase::Running => api::SandboxState::Running,
+                Phase::Exited => api::SandboxState::Exited,
+            };
+            if st.phase == Phase::Exited {
+                s.exit_code = st.exit_code;
+                s.reason = st.reason.clone();
+                s.message = st.message.clone();
+            }
+        }
+        s
+    }
+
+    /// Asks the supervisor for news and records an exit in the registry.
+    async fn refresh(&self, row: &SandboxRow) -> Option<gworker_supervisor::Status> {
+        if row.state == "exited" && row.exited_at.is_some() && self.live(&row.id).is_none() {
+            return None;
+        }
+        let live = self.live(&row.id)?;
+        if *live.ready.borrow() != Ready::Up {
+            return None;
+        }
+        let st = live.sup.status().await.ok()?;
+        self.record(&row.id, &st);
+        Some(st)
+    }
+
+    fn record(&self, id: &str, st: &gworker_supervisor::Status) {
+        for p in &st.procs {
+            let _ = self.reg.upsert_process(&ProcessRow {
+                sandbox_id: id.to_string(),
+                process_id: p.id,
+                cmd: p.argv.clone(),
+                started_at: p.started_at,
+                exit_code: p.exit_code,
+            });
+        }
+        if st.phase == Phase::Exited {
+            let _ = self.reg.set_exited(
+                id,
+                st.exit_code,
+                st.reason.as_deref().unwrap_or("exited"),
+                st.message.as_deref(),
+                st.exited_at.unwrap_or_else(now),
+            );
+        }
+    }
+
+    pub async fn get(&self, id: &str) -> Result<api::Sandbox> {
+        let row = self.row(id)?;
+        let st = self.refresh(&row).await;
+        Ok(self.view(&row, st.as_ref()))
+    }
+
+    pub async fn list(&self) -> Result<Vec<api::Sandbox>> {
+        let mut out = Vec::new();
+        for row in self.reg.list_sandboxes()? {
+            let st = self.refresh(&row).await;
+            out.push(self.view(&row, st.as_ref()));
+        }
+        Ok(out)
+    }
+
+    /// Waits up to `timeout` for the entry command (or process `pid`) to exit.
+    pub async fn wait(&self, id: &str, pid: Option<u32>, timeout: Duration) -> Result<Option<i32>> {
+        if let Some(code) = self.recorded_exit(id, pid)? {
+            return Ok(code);
+        }
+        let live = self.up(id).await?;
+        match live.sup.wait(pid, timeout).await {
+            Ok(Some(code)) => {
+                if let Ok(st) = live.sup.status().await {
+                    self.record(id, &st);
+                }
+                Ok(code)
+            }
+            Ok(None) => Err(EngineError::WaitTimeout),
+            Err(e) => {
+                // The supervisor may have gone meanwhile; the registry may know the end.
+                if let Some(code) = self.recorded_exit(id, pid)? {
+                    return Ok(code);
+                }
+                Err(from_client(e))
+            }
+        }
+    }
+
+    fn recorded_exit(&self, id: &str, pid: Option<u32>) -> Result<Option<Option<i32>>> {
+        let row = self.row(id)?;
+        Ok(match pid {
+            None => (row.state == "exited").then_some(row.exit_code),
+            Some(p) => self.reg.processes(id)?.into_iter().find(|r| r.process_id == p).and_then(|r| r.exit_code.map(Some)),
+        })
+    }
+
+    pub async fn exec(&self, id: &str, req: api::Exec) -> Result<api::Process> {
+        check_argv(&req.cmd)?;
+        let env = req.env.unwrap_or_default();
+        check_env(&env)?;
+        if let Some(w) = &req.workdir {
+            check_workdir(w)?;
+        }
+        let row = self.row(id)?;
+        let live = self.up(id).await?;
+        let image_env = self.images.ready(&row.image).ok().flatten().map(|i| i.env).unwrap_or_default();
+        let exec_env: Vec<(String, String)> = env.into_iter().collect();
+        let spec = ProcSpec {
+            argv: req.cmd.clone(),
+            env: merge_env(&[&image_env, &row.env, &exec_env]),
+            cwd: req.workdir.or(row.workdir.clone()).unwrap_or_else(|| "/".into()),
+            mkdir_cwd: false,
+        };
+        let pid = live.sup.spawn(spec).await.map_err(from_client)?;
+        let started_at = now();
+        self.reg.upsert_process(&ProcessRow {
+            sandbox_id: id.to_string(),
+            process_id: pid,
+            cmd: req.cmd.clone(),
+            started_at,
+            exit_code: None,
+        })?;
+        Ok(api::Process {
+            process_id: pid,
+            sandbox_id: id.to_string(),
+            cmd: req.cmd,
+            state: api::ProcessState::Running,
+            exit_code: None,
+            started_at,
+        })
+    }
+
+    pub async fn processes(&self, id: &str) -> Result<Vec<api::Process>> {
+        let row = self.row(id)?;
+        self.refresh(&row).await;
+        Ok(self
+            .reg
+            .processes(id)?
+            .into_iter()
+            .map(|p| api::Process {
+                process_id: p.process_id,
+                sandbox_id: p.sandbox_id,
+                cmd: p.cmd,
+                state: if p.exit_code.is_some() { api::ProcessState::Exited } else { api::ProcessState::Running },
+                exit_code: p.exit_code,
+                started_at: p.started_at,
+            })
+            .collect())
+    }
+
+    pub async fn process(&self, id: &str, pid: u32) -> Result<api::Process> {
+        self.processes(id)
+            .await?
+            .into_iter()
+            .find(|p| p.process_id == pid)
+            .ok_or_else(|| EngineError::NotFound(format!("no process {pid} in sandbox {id}")))
+    }
+
+    /// Opens a process's output from `offset`.
+    pub async fn read(&self, id: &str, pid: u32, stream: StreamName, offset: u64) -> Result<OutputReader> {
+        self.row(id)?;
+        let live = self.up(id).await.map_err(|e| match e.code() {
+            ErrorCode::SandboxNotRunning => EngineError::Coded {
+                code: ErrorCode::OutputDiscarded,
+                message: "the sandbox's output is no longer kept".into(),
+            },
+            _ => e,
+        })?;
+        live.sup.read(pid, stream, offset).await.map_err(from_client)
+    }
+
+    pub async fn stdin(&self, id: &str, pid: u32, data: &[u8]) -> Result<()> {
+        let live = self.up(id).await?;
+        live.sup.stdin(pid, data).await.map_err(from_client)
+    }
+
+    pub async fn stdin_close(&self, id: &str, pid: u32) -> Result<()> {
+        let live = self.up(id).await?;
+        live.sup.stdin_close(pid).await.map_err(from_client)
+    }
+
+    pub async fn signal(&self, id: &str, pid: u32, signo: i32) -> Result<()> {
+        if !(1..=64).contains(&signo) {
+            return Err(EngineError::Invalid(format!("signal must be between 1 and 64, got {signo}")));
+        }
+        let live = self.up(id).await?;
+        live.sup.signal(pid, signo).await.map_err(from_client)
+    }
+
+    /// Stops the sandbox, frees everything it held and forgets it.
+    pub async fn terminate(&self, id: &str) -> Result<()> {
+        self.row(id)?;
+        let live = self.live(id);
+        if let Some(live) = &live {
+            let mut rx = live.ready.clone();
+            // A sandbox still starting is let finish starting, then stopped.
+            let _ = tokio::time::timeout(Duration::from_secs(120), rx.wait_for(|r| *r != Ready::Pending)).await;
+            if let Err(e) = live.sup.shutdown().await {
+                tracing::debug!(sandbox = %id, error = %e, "supervisor already gone");
+            }
+        }
+        self.live.lock().unwrap().remove(id);
+        let _ = std::fs::remove_file(self.sock_path(id));
+        let _ = std::fs::remove_dir_all(self.sandbox_dir(id));
+        self.reg.delete_sandbox(id)?;
+        Ok(())
+    }
+
+    /// Periodic housekeeping: records exits and removes sandboxes whose
+    /// retention period has ended.
+    pub async fn housekeep(&self) {
+        let Ok(rows) = self.reg.list_sandboxes() else { return };
+        for row in rows {
+            if row.state != "exited" {
+                self.refresh(&row).await;
+                continue;
+            }
+            if row.exited_at.is_some_and(|t| now() - t > self.cfg.retention.as_secs_f64()) {
+                tracing::info!(sandbox = %row.id, "retention over, removing");
+                let _ = self.terminate(&row.id).await;
+            }
+        }
+    }
+}
+
+/// Starts `exe supervise DIR` detached (own session), handing it the bound
+/// listening socket as fd 3, so the daemon can connect at once and can die
+/// without taking the supervisor along.
+fn spawn_supervisor(exe: &Path, dir: &Path, sock: &Path, launch: &LaunchConfig) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("launch.json"), serde_json::to_vec_pretty(launch).expect("launch serializes"))?;
+    let _ = std::fs::remove_file(sock);
+    let listener = std::os::unix::net::UnixListener::bind(sock)?;
+    std::fs::set_permissions(sock, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("supervisor.log"))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("supervise")
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let fd = listener.as_raw_fd();
+    // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if fd == gworker_supervisor::server::LISTENER_FD {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            } else if libc::dup2(fd, gworker_supervisor::server::LISTENER_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    drop(listener);
+    // Reap it whenever it ends, so it never lingers as a zombie of the daemon.
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_names_are_checked() {
+        assert!(valid_env_name("A_1"));
+        assert!(valid_env_name("_x"));
+        assert!(!valid_env_name("1A"));
+        assert!(!valid_env_name("A-B"));
+        assert!(!valid_env_name(""));
+        assert!(!valid_env_name("A=B"));
+    }
+
+    #[test]
+    fn env_layers_override_in_order() {
+        let image = vec![("PATH".to_string(), "/img".to_string()), ("A".to_string(), "image".to_string())];
+        let user = vec![("A".to_string(), "user".to_string())];
+        let env = merge_env(&[&image, &user]);
+        assert!(env.contains(&"PATH=/img".to_string()));
+        assert!(env.contains(&"A=user".to_string()));
+        assert!(env.contains(&"HOME=/root".to_string()));
+    }
+
+    #[test]
+    fn ids_are_unguessable_and_checked() {
+        let a = new_id();
+        assert_eq!(a.len(), 35);
+        assert_ne!(a, new_id());
+        assert!(check_id(&a).is_ok());
+        assert!(check_id("sb-../../etc").is_err());
+        assert!(check_id(&a.to_uppercase()).is_err());
+    }
+}

@@ -1,0 +1,155 @@
+//! `gworker serve` and `gworker image`: the commands that run in the daemon's
+//! own process or touch its data directory directly.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use gworker_engine::EngineConfig;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Where sandboxes, images and the registry live.
+    #[arg(long, env = "GWORKER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The unix socket to listen on (mode 0600).
+    #[arg(long, env = "GWORKER_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Also listen on TCP at ADDR (e.g. 127.0.0.1:7420); needs GWORKER_TOKEN.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// The static agent binary (default: found next to this executable).
+    #[arg(long, env = "GWORKER_AGENT")]
+    agent: Option<PathBuf>,
+    /// The runsc binary (default: runsc on PATH).
+    #[arg(long, env = "GWORKER_RUNSC")]
+    runsc: Option<PathBuf>,
+    /// Seconds an exited sandbox stays inspectable before it is removed.
+    #[arg(long, default_value_t = 600)]
+    retention: u64,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum ImageCmd {
+    /// Build a built-in image (busybox, debian-slim) if it is missing, showing progress.
+    Build {
+        name: String,
+        #[arg(long, env = "GWORKER_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// List built images.
+    Ls {
+        #[arg(long, env = "GWORKER_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn default_data_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return "/var/lib/gworker".into();
+    }
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(d).join("gworker");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/tmp".into());
+    home.join(".local/share/gworker")
+}
+
+/// The agent: next to this executable, or in the static build's target dir.
+fn find_agent() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    let profile = dir.file_name().map(|n| n.to_owned()).unwrap_or_default();
+    let candidates = [
+        dir.join("gworker-agent-static"),
+        dir.join("../x86_64-unknown-linux-gnu").join(&profile).join("gworker-agent"),
+        dir.join("../../x86_64-unknown-linux-gnu").join(&profile).join("gworker-agent"),
+    ];
+    candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| candidates[1].clone())
+}
+
+pub fn serve(a: ServeArgs) -> ExitCode {
+    init_logging(a.log_json);
+    let data_dir = a.data_dir.unwrap_or_else(default_data_dir);
+    let opts = gworker_daemon::ServeOptions {
+        engine: EngineConfig {
+            data_dir: data_dir.clone(),
+            runsc_bin: a.runsc.unwrap_or_else(gworker_runtime::find_runsc),
+            // runsc resolves bind sources from its own cwd: make the path absolute.
+            agent: a.agent.map(|p| std::fs::canonicalize(&p).unwrap_or(p)).unwrap_or_else(find_agent),
+            supervisor_exe: std::env::current_exe().unwrap_or_else(|_| "gworker".into()),
+            retention: Duration::from_secs(a.retention),
+        },
+        socket: a.socket.unwrap_or_else(gworker_api::default_socket_path),
+        listen: a.listen,
+        token: std::env::var("GWORKER_TOKEN").ok(),
+    };
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match rt.block_on(gworker_daemon::serve(opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gworker serve: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GWORKER_LOG").unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+pub fn image(cmd: ImageCmd) -> ExitCode {
+    match cmd {
+        ImageCmd::Build { name, data_dir } => {
+            let store = gworker_images::ImageStore::new(data_dir.unwrap_or_else(default_data_dir).join("images"));
+            eprintln!("building {name} (cached after the first build)");
+            match store.ensure(&name, &mut |line| eprintln!("  {line}")) {
+                Ok(info) => {
+                    println!("{}", info.rootfs.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("gworker image build: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        ImageCmd::Ls { data_dir, json } => {
+            let store = gworker_images::ImageStore::new(data_dir.unwrap_or_else(default_data_dir).join("images"));
+            match store.list() {
+                Ok(list) => {
+                    if json {
+                        let v: Vec<_> = list
+                            .iter()
+                            .map(|i| serde_json::json!({"name": i.name, "rootfs": i.rootfs, "size_bytes": i.size_bytes}))
+                            .collect();
+                        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    } else {
+                        println!("{:<14} {:>10}  ROOTFS", "NAME", "SIZE");
+                        for i in list {
+                            println!("{:<14} {:>9}M  {}", i.name, i.size_bytes / (1 << 20), i.rootfs.display());
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("gworker image ls: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! The OpenAPI 3 document, generated from the handlers and wire types. It is
+//! served at `/v1/openapi.json` and committed as `docs/openapi.json`; a test
+//! fails when the two differ.
+
+use utoipa::OpenApi;
+
+use crate::routes;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "gworker", description = "Self-hosted gVisor sandboxes. See docs/http-api.md."),
+    paths(
+        routes::health, routes::create, routes::list, routes::get_sandbox, routes::terminate,
+        routes::wait_sandbox, routes::exec, routes::snapshot, routes::processes, routes::process,
+        routes::wait_process, routes::stdout, routes::stderr, routes::stdin, routes::stdin_close,
+        routes::signal
+    ),
+    components(schemas(
+        gworker_api::CreateSandbox, gworker_api::Sandbox, gworker_api::SandboxList, gworker_api::SandboxState,
+        gworker_api::Exec, gworker_api::Process, gworker_api::ProcessList, gworker_api::ProcessState,
+        gworker_api::WaitResult, gworker_api::Signal, gworker_api::Health, gworker_api::ErrorBody,
+        gworker_api::ErrorDetail, gworker_api::ErrorCode
+    ))
+)]
+struct ApiDoc;
+
+/// The document as pretty JSON with a trailing newline.
+pub fn openapi_json() -> String {
+    let mut s = ApiDoc::openapi().to_pretty_json().expect("openapi serializes");
+    s.push('\n');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn committed_openapi_document_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.json");
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        let current = super::openapi_json();
+        if committed != current {
+            if std::env::var_os("GWORKER_UPDATE_OPENAPI").is_some() {
+                std::fs::write(path, current).unwrap();
+                return;
+            }
+            panic!("docs/openapi.json is stale: run `GWORKER_UPDATE_OPENAPI=1 cargo test -p gworker-daemon openapi`");
+        }
+    }
+}
