@@ -1,0 +1,378 @@
+//! The daemon through its real HTTP API, with real gVisor sandboxes: bad input
+//! gets a 4xx with a stable code, terminate leaves nothing behind, many
+//! sandboxes at once, and a SIGKILLed daemon loses no sandbox and no output.
+//!
+//! Uses a tiny blocking HTTP/1.1 client over the unix socket so that what is
+//! tested is the daemon alone. Needs `runsc` and the static agent
+//! (`GWORKER_AGENT`, or `target/x86_64-unknown-linux-gnu/debug/gworker-agent`).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Daemon {
+    child: Option<Child>,
+    dir: PathBuf,
+    sock: PathBuf,
+}
+
+fn bin() -> PathBuf {
+    std::env::var_os("GWORKER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/gworker"))
+}
+
+fn agent() -> PathBuf {
+    std::env::var_os("GWORKER_AGENT").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/x86_64-unknown-linux-gnu/debug/gworker-agent")
+    })
+}
+
+fn runsc_available() -> bool {
+    Command::new("runsc").arg("--version").stdout(Stdio::null()).status().is_ok()
+}
+
+impl Daemon {
+    fn start(name: &str) -> Option<Daemon> {
+        if !runsc_available() {
+            eprintln!("runsc not installed: skipping");
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!("gw-dt-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("gw.sock");
+        let mut d = Daemon { child: None, dir, sock };
+        d.spawn();
+        Some(d)
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap();
+        let child = Command::new(bin())
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .arg("--socket")
+            .arg(&self.sock)
+            .arg("--agent")
+            .arg(agent())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start gworker serve (build it first: cargo build -p gworker-cli)");
+        self.child = Some(child);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if let Ok(r) = self.try_req("GET", "/v1/health", b"") {
+                if r.status == 200 {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("daemon did not start: {}", std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default());
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    fn try_req(&self, method: &str, path: &str, body: &[u8]) -> std::io::Result<Resp> {
+        let mut s = UnixStream::connect(&self.sock)?;
+        s.set_read_timeout(Some(Duration::from_secs(120)))?;
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len())?;
+        // A server refusing an oversized body may answer and close before
+        // reading all of it: the answer is what counts.
+        if let Err(e) = s.write_all(body) {
+            if e.kind() != std::io::ErrorKind::BrokenPipe && e.kind() != std::io::ErrorKind::ConnectionReset {
+                return Err(e);
+            }
+        }
+        let mut raw = Vec::new();
+        if let Err(e) = s.read_to_end(&mut raw) {
+            if raw.is_empty() || e.kind() != std::io::ErrorKind::ConnectionReset {
+                return Err(e);
+            }
+        }
+        Ok(Resp::parse(&raw))
+    }
+
+    fn req(&self, method: &str, path: &str, body: &str) -> Resp {
+        self.try_req(method, path, body.as_bytes()).unwrap()
+    }
+
+    fn json(&self, method: &str, path: &str, body: &str) -> serde_json::Value {
+        let r = self.req(method, path, body);
+        assert!(r.status < 300, "{method} {path}: {} {}", r.status, String::from_utf8_lossy(&r.body));
+        serde_json::from_slice(&r.body).unwrap()
+    }
+
+    fn create(&self, body: &str) -> String {
+        self.json("POST", "/v1/sandboxes", body)["sandbox_id"].as_str().unwrap().to_string()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Terminate what is left so no sandbox outlives the test.
+        if self.child.is_some() {
+            if let Ok(r) = self.try_req("GET", "/v1/sandboxes", b"") {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&r.body) {
+                    for s in v["sandboxes"].as_array().cloned().unwrap_or_default() {
+                        let _ = self.try_req("DELETE", &format!("/v1/sandboxes/{}", s["sandbox_id"].as_str().unwrap_or("")), b"");
+                    }
+                }
+            }
+        }
+        self.kill9();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct Resp {
+    status: u16,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn parse(raw: &[u8]) -> Resp {
+        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("http head");
+        let head = String::from_utf8_lossy(&raw[..split]).to_string();
+        let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let mut body = raw[split + 4..].to_vec();
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+            body = dechunk(&body);
+        }
+        Resp { status, body }
+    }
+
+    fn code(&self) -> String {
+        let v: serde_json::Value = serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("error body is not JSON: {:?}", String::from_utf8_lossy(&self.body)));
+        v["error"]["code"].as_str().unwrap_or_else(|| panic!("no error code in {v}")).to_string()
+    }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else { return out };
+        let n = usize::from_str_radix(std::str::from_utf8(&b[..eol]).unwrap().trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + n]);
+        b = &b[eol + 4 + n..];
+    }
+}
+
+#[test]
+fn bad_input_gets_4xx_with_stable_codes() {
+    let Some(d) = Daemon::start("bad") else { return };
+    let id = d.create(r#"{"image":"busybox","timeout":60}"#);
+    let cases: Vec<(&str, String, Vec<u8>, u16, &str)> = vec![
+        ("POST", "/v1/sandboxes".into(), b"{not json".to_vec(), 400, "invalid_request"),
+        ("POST", "/v1/sandboxes".into(), br#"{"cmd":"echo hi"}"#.to_vec(), 400, "invalid_request"),
+        ("POST", "/v1/sandboxes".into(), br#"{"timeout":"soon"}"#.to_vec(), 400, "invalid_request"),
+        ("POST", "/v1/sandboxes".into(), br#"{"bogus":1}"#.to_vec(), 400, "invalid_request"),
+        ("POST", "/v1/sandboxes".into(), br#"{"image":"busybox","env":{"1BAD":"x"}}"#.to_vec(), 400, "invalid_request"),
+        ("POST", "/v1/sandboxes".into(), br#"{"image":"busybox","env":{"A-B":"x"}}"#.to_vec(), 400, "invalid_request"),
+        ("POST", "/v1/sandboxes".into(), br#"{"image":"busybox","workdir":"rel/dir"}"#.to_vec(), 400, "invalid_request"),
+        ("POST", "/v1/sandboxes".into(), br#"{"image":"busybox","timeout":-1}"#.to_vec(), 400, "invalid_request"),
+        ("POST", "/v1/sandboxes".into(), br#"{"image":"busybox","cmd":[""]}"#.to_vec(), 400, "invalid_request"),
+        ("POST", "/v1/sandboxes".into(), br#"{"image":"nope"}"#.to_vec(), 404, "not_found"),
+        ("POST", "/v1/sandboxes".into(), br#"{"image":"busybox","secrets":[{"values":{"A":"b"}}]}"#.to_vec(), 400, "not_supported"),
+        ("POST", "/v1/sandboxes".into(), br#"{"image":"busybox","volumes":{"/data":{"name":"v"}}}"#.to_vec(), 400, "not_supported"),
+        ("POST", "/v1/sandboxes".into(), br#"{"image":"busybox","snapshot":{"snapshot_id":"x"}}"#.to_vec(), 400, "not_supported"),
+        ("POST", "/v1/sandboxes".into(), vec![b' '; 17 * 1024 * 1024], 413, "payload_too_large"),
+        ("GET", "/v1/sandboxes/sb-00000000000000000000000000000000".into(), vec![], 404, "not_found"),
+        ("GET", "/v1/sandboxes/../../etc/passwd".into(), vec![], 404, "not_found"),
+        ("DELETE", "/v1/sandboxes/nonsense".into(), vec![], 404, "not_found"),
+        ("POST", format!("/v1/sandboxes/{id}/exec"), br#"{"cmd":[]}"#.to_vec(), 400, "invalid_request"),
+        ("POST", format!("/v1/sandboxes/{id}/exec"), br#"{"cmd":["ls"],"workdir":"tmp"}"#.to_vec(), 400, "invalid_request"),
+        ("POST", format!("/v1/sandboxes/{id}/exec"), br#"{"cmd":["ls"],"workdir":"/no/such/dir"}"#.to_vec(), 404, "workdir_not_found"),
+        ("POST", format!("/v1/sandboxes/{id}/exec"), br#"{"cmd":["no-such-program"]}"#.to_vec(), 404, "command_not_found"),
+        ("POST", format!("/v1/sandboxes/{id}/exec"), br#"{"cmd":["ls"],"env":{"X=Y":"1"}}"#.to_vec(), 400, "invalid_request"),
+        ("GET", format!("/v1/sandboxes/{id}/processes/notanumber"), vec![], 404, "not_found"),
+        ("GET", format!("/v1/sandboxes/{id}/processes/999"), vec![], 404, "not_found"),
+        ("GET", format!("/v1/sandboxes/{id}/processes/999/stdout"), vec![], 404, "not_found"),
+        ("GET", format!("/v1/sandboxes/{id}/wait?timeout=abc"), vec![], 400, "invalid_request"),
+        ("GET", format!("/v1/sandboxes/{id}/wait?timeout=0.2"), vec![], 408, "wait_timeout"),
+        ("POST", format!("/v1/sandboxes/{id}/processes/0/signal"), br#"{"signal":0}"#.to_vec(), 400, "invalid_request"),
+        ("POST", format!("/v1/sandboxes/{id}/snapshot"), vec![], 400, "not_supported"),
+        ("GET", "/v1/nope".into(), vec![], 404, "not_found"),
+    ];
+    for (method, path, body, status, code) in cases {
+        let r = d.try_req(method, &path, &body).unwrap();
+        assert_eq!((r.status, r.code().as_str()), (status, code), "{method} {path} {:?}", String::from_utf8_lossy(&body[..body.len().min(80)]));
+    }
+    // The daemon is still healthy and the sandbox still works.
+    let p = d.json("POST", &format!("/v1/sandboxes/{id}/exec"), r#"{"cmd":["echo","still here"]}"#);
+    let out = d.req("GET", &format!("/v1/sandboxes/{id}/processes/{}/stdout", p["process_id"]), "");
+    assert_eq!(out.body, b"still here\n");
+}
+
+#[test]
+fn terminate_leaves_nothing_behind_and_is_idempotent() {
+    let Some(d) = Daemon::start("term") else { return };
+    let id = d.create(r#"{"image":"busybox","cmd":["sleep","1000"],"timeout":60}"#);
+    d.json("POST", &format!("/v1/sandboxes/{id}/exec"), r#"{"cmd":["sleep","1000"]}"#);
+    let data = d.dir.join("data");
+    assert!(data.join("sandboxes").join(&id).exists());
+    let ps = |pat: &str| {
+        let out = Command::new("pgrep").arg("-f").arg(pat).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert!(!ps(&id).is_empty(), "runsc and supervisor run while the sandbox lives");
+    assert_eq!(d.req("DELETE", &format!("/v1/sandboxes/{id}"), "").status, 204);
+    assert_eq!(d.req("DELETE", &format!("/v1/sandboxes/{id}"), "").code(), "not_found");
+    assert_eq!(d.req("GET", &format!("/v1/sandboxes/{id}"), "").status, 404);
+    // No process, runsc state, socket, directory or mount of that sandbox remains.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ps(&id).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(ps(&id), "", "processes of the sandbox are gone");
+    assert!(!data.join("sandboxes").join(&id).exists());
+    assert!(!data.join("sock").join(&id).exists());
+    let runsc_state: Vec<_> = std::fs::read_dir(data.join("runsc")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(runsc_state.iter().all(|n| !n.to_string_lossy().contains(&id)), "runsc state left: {runsc_state:?}");
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(!mounts.contains(&id), "a mount of the sandbox is left");
+}
+
+#[test]
+fn twenty_sandboxes_at_once() {
+    let Some(d) = Daemon::start("twenty") else { return };
+    let ids: Vec<String> = (0..20)
+        .map(|i| d.create(&format!(r#"{{"image":"busybox","timeout":120,"cmd":["sh","-c","echo sandbox-{i}; exit {i}"]}}"#)))
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let w = d.json("GET", &format!("/v1/sandboxes/{id}/wait?timeout=60"), "");
+        assert_eq!(w["exit_code"], i as i64);
+        let out = d.req("GET", &format!("/v1/sandboxes/{id}/processes/0/stdout"), "");
+        assert_eq!(String::from_utf8_lossy(&out.body), format!("sandbox-{i}\n"));
+    }
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 20);
+}
+
+#[test]
+fn daemon_sigkill_loses_no_sandbox_exec_or_output() {
+    let Some(mut d) = Daemon::start("kill") else { return };
+    let id = d.create(r#"{"image":"busybox","timeout":120}"#);
+    // An exec that prints 40 numbered lines over ~2 s, then exits 5.
+    let p = d.json(
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        r#"{"cmd":["sh","-c","for i in $(seq 1 40); do echo line-$i; sleep 0.05; done; exit 5"]}"#,
+    );
+    let pid = p["process_id"].as_i64().unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    // Read what is there so far through a stream that we cut off ourselves.
+    let mut s = UnixStream::connect(&d.sock).unwrap();
+    write!(s, "GET /v1/sandboxes/{id}/processes/{pid}/stdout HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut got = vec![0u8; 4096];
+    let n = s.read(&mut got).unwrap();
+    let raw = &got[..n];
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let first = dechunk(&raw[split + 4..]);
+    assert!(!first.is_empty());
+    d.kill9();
+    drop(s);
+    std::thread::sleep(Duration::from_millis(300));
+    d.spawn();
+    let rest = d.req("GET", &format!("/v1/sandboxes/{id}/processes/{pid}/stdout?offset={}", first.len()), "");
+    assert_eq!(rest.status, 200);
+    let mut all = first.clone();
+    all.extend_from_slice(&rest.body);
+    let expected: String = (1..=40).map(|i| format!("line-{i}\n")).collect();
+    assert_eq!(String::from_utf8_lossy(&all), expected, "no byte lost or repeated across the restart");
+    let w = d.json("GET", &format!("/v1/sandboxes/{id}/processes/{pid}/wait?timeout=30"), "");
+    assert_eq!(w["exit_code"], 5);
+    // The sandbox itself is still running and usable.
+    let s = d.json("GET", &format!("/v1/sandboxes/{id}"), "");
+    assert_eq!(s["state"], "running");
+    let p = d.json("POST", &format!("/v1/sandboxes/{id}/exec"), r#"{"cmd":["echo","after restart"]}"#);
+    let out = d.req("GET", &format!("/v1/sandboxes/{id}/processes/{}/stdout", p["process_id"]), "");
+    assert_eq!(out.body, b"after restart\n");
+}
+
+#[test]
+fn timeout_is_enforced_and_survives_a_daemon_restart() {
+    let Some(mut d) = Daemon::start("timeout") else { return };
+    let id = d.create(r#"{"image":"busybox","timeout":3,"cmd":["sleep","100"]}"#);
+    let idle = d.create(r#"{"image":"busybox","timeout":3}"#);
+    d.json("POST", &format!("/v1/sandboxes/{idle}/exec"), r#"{"cmd":["true"]}"#);
+    d.kill9();
+    std::thread::sleep(Duration::from_secs(4));
+    d.spawn();
+    for sid in [&id, &idle] {
+        let w = d.json("GET", &format!("/v1/sandboxes/{sid}/wait?timeout=10"), "");
+        assert_eq!(w["exit_code"], 137);
+        let s = d.json("GET", &format!("/v1/sandboxes/{sid}"), "");
+        assert_eq!((s["state"].as_str(), s["reason"].as_str()), (Some("exited"), Some("timeout")));
+        let r = d.req("POST", &format!("/v1/sandboxes/{sid}/exec"), r#"{"cmd":["true"]}"#);
+        assert_eq!((r.status, r.code().as_str()), (409, "sandbox_not_running"));
+    }
+}
+
+#[test]
+fn tcp_listener_requires_the_token() {
+    if !runsc_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("gw-dt-tcp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Without a token the daemon refuses to start.
+    let out = Command::new(bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--socket"])
+        .arg(dir.join("a.sock"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--agent")
+        .arg(agent())
+        .env_remove("GWORKER_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("GWORKER_TOKEN"));
+    // With a token, requests without it are refused and with it pass.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = Command::new(bin())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--socket"])
+        .arg(dir.join("b.sock"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--agent")
+        .arg(agent())
+        .env("GWORKER_TOKEN", "s3cret-token")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let get = |auth: &str| -> Option<u16> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        write!(s, "GET /v1/sandboxes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\r\n").ok()?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).ok()?;
+        Some(Resp::parse(&raw).status)
+    };
+    let start = Instant::now();
+    while get("").is_none() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(get(""), Some(401));
+    assert_eq!(get("Authorization: Bearer wrong\r\n"), Some(401));
+    assert_eq!(get("Authorization: Bearer s3cret-token\r\n"), Some(200));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
