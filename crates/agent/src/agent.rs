@@ -1,0 +1,656 @@
+//! The agent's event loop: one thread, one epoll set.
+//!
+//! It owns every process the host started and every pipe to them: host frames
+//! on fd 0, each process's stdout/stderr (read only while the stream has
+//! credit), each process's stdin (written without ever blocking), and SIGCHLD
+//! through a signalfd, after which it reaps with `waitpid(-1)` — orphans
+//! re-parented to the agent included. Frames to the host go through the
+//! [`Writer`] thread, the only owner of fd 1.
+//!
+//! Because spawning and reaping happen on this one thread, a process that ends
+//! before it is registered cannot be missed: its SIGCHLD waits in the signalfd
+//! until the loop comes back, by which time the process is in the table.
+//!
+//! When the host goes away (EOF or error on fd 0, a write error on fd 1) or
+//! sends a frame that does not decode, the agent SIGKILLs every process it
+//! started and exits 0: the sandbox ends.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use gworker_proto::{
+    frame_len, AgentMsg, HostMsg, Spawn, SpawnErrorKind, Stream, INITIAL_WINDOW, MAX_OUTPUT_CHUNK,
+    PROTOCOL_VERSION,
+};
+
+use crate::spawn;
+use crate::sys::{self, errstr, Epoll, Reaped};
+use crate::writer::Writer;
+
+const TOK_HOST: u64 = u64::MAX;
+const TOK_SIGCHLD: u64 = u64::MAX - 1;
+const TOK_WRITER_DEAD: u64 = u64::MAX - 2;
+/// Per-process tokens: `pid << 2 | slot`, slot 0 = stdout, 1 = stderr, 2 = stdin.
+const SLOT_STDIN: u64 = 2;
+
+/// Bytes read from the host per wake-up.
+const HOST_READ: usize = 256 * 1024;
+/// Reads per stream when draining a process that just exited.
+const DRAIN_READS: usize = 64;
+/// Pipe buffer asked for each output pipe (best effort; the default is 64 KiB).
+const OUTPUT_PIPE_SIZE: usize = 1024 * 1024;
+
+const STREAMS: [Stream; 2] = [Stream::Stdout, Stream::Stderr];
+
+fn token(pid: u32, slot: u64) -> u64 {
+    (u64::from(pid) << 2) | slot
+}
+
+fn stream_index(s: Stream) -> usize {
+    match s {
+        Stream::Stdout => 0,
+        Stream::Stderr => 1,
+    }
+}
+
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
+}
+
+/// What epoll watches an output pipe for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Interest {
+    Unregistered,
+    /// Readable (level-triggered): while the stream has credit.
+    Read,
+    /// Only hang-up, once (EPOLLONESHOT with no events): without credit we must
+    /// not read, but still want to see the writer go away to report Eof.
+    Hangup,
+}
+
+/// Our read end of a process's stdout or stderr.
+struct OutPipe {
+    fd: Option<OwnedFd>,
+    /// Bytes we may still send (u64: repeated credits cannot overflow).
+    credit: u64,
+    interest: Interest,
+}
+
+/// Our write end of a process's stdin.
+struct InPipe {
+    fd: Option<OwnedFd>,
+    queue: VecDeque<Vec<u8>>,
+    /// Bytes of `queue.front()` already written.
+    off: usize,
+    close_when_drained: bool,
+    polled: bool,
+}
+
+struct Proc {
+    os_pid: i32,
+    out: [OutPipe; 2],
+    stdin: InPipe,
+    exited: bool,
+}
+
+enum Pumped {
+    Data,
+    /// Nothing to read now, or no credit.
+    Idle,
+    Closed,
+}
+
+/// Builds an `Output` frame without copying `data` twice.
+pub fn output_frame(pid: u32, stream: Stream, data: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(16 + data.len());
+    AgentMsg::Output {
+        pid,
+        stream,
+        data: Vec::new(),
+    }
+    .encode(&mut f);
+    // `Output`'s data is the rest of the frame: append it and fix the length prefix.
+    f.extend_from_slice(data);
+    let len = (f.len() - 4) as u32;
+    f[..4].copy_from_slice(&len.to_le_bytes());
+    f
+}
+
+/// Watches the pipe for what its credit allows (see [`Interest`]).
+fn set_interest(epoll: &Epoll, pid: u32, idx: usize, p: &mut OutPipe) {
+    let Some(fd) = p.fd.as_ref().map(|f| f.as_raw_fd()) else {
+        return;
+    };
+    let want = if p.credit > 0 {
+        Interest::Read
+    } else {
+        Interest::Hangup
+    };
+    if want == p.interest {
+        return;
+    }
+    let events = match want {
+        Interest::Read => libc::EPOLLIN as u32,
+        _ => libc::EPOLLONESHOT as u32,
+    };
+    let tok = token(pid, idx as u64);
+    let r = match p.interest {
+        Interest::Unregistered => epoll.add(fd, events, tok),
+        _ => epoll.modify(fd, events, tok),
+    };
+    match r {
+        Ok(()) => p.interest = want,
+        Err(e) => eprintln!("gworker-agent: epoll for process {pid}: {}", errstr(&e)),
+    }
+}
+
+fn close_out(epoll: &Epoll, p: &mut OutPipe) {
+    if let Some(fd) = p.fd.take() {
+        if p.interest != Interest::Unregistered {
+            let _ = epoll.delete(fd.as_raw_fd());
+        }
+    }
+    p.interest = Interest::Unregistered;
+}
+
+/// Reads at most one chunk (bounded by credit) from a stream and sends it;
+/// reports Eof when the stream ended, even without credit.
+fn pump_out(
+    epoll: &Epoll,
+    writer: &Writer,
+    scratch: &mut [u8],
+    pid: u32,
+    idx: usize,
+    p: &mut OutPipe,
+) -> Pumped {
+    let Some(fd) = p.fd.as_ref().map(|f| f.as_raw_fd()) else {
+        return Pumped::Closed;
+    };
+    let stream = STREAMS[idx];
+    if p.credit == 0 {
+        if sys::pipe_at_eof(fd) {
+            close_out(epoll, p);
+            writer.send(&AgentMsg::Eof { pid, stream });
+            return Pumped::Closed;
+        }
+        set_interest(epoll, pid, idx, p);
+        return Pumped::Idle;
+    }
+    let want = (p.credit.min(MAX_OUTPUT_CHUNK as u64) as usize).min(scratch.len());
+    match sys::read(fd, &mut scratch[..want]) {
+        Ok(0) => {
+            close_out(epoll, p);
+            writer.send(&AgentMsg::Eof { pid, stream });
+            Pumped::Closed
+        }
+        Ok(n) => {
+            p.credit -= n as u64;
+            writer.send_frame(output_frame(pid, stream, &scratch[..n]));
+            if p.credit == 0 {
+                set_interest(epoll, pid, idx, p);
+            }
+            Pumped::Data
+        }
+        Err(e) if is_transient(&e) => Pumped::Idle,
+        Err(e) => {
+            eprintln!(
+                "gworker-agent: reading {stream:?} of process {pid}: {}",
+                errstr(&e)
+            );
+            close_out(epoll, p);
+            writer.send(&AgentMsg::Eof { pid, stream });
+            Pumped::Closed
+        }
+    }
+}
+
+fn close_stdin(epoll: &Epoll, s: &mut InPipe) {
+    if let Some(fd) = s.fd.take() {
+        if s.polled {
+            let _ = epoll.delete(fd.as_raw_fd());
+        }
+    }
+    s.polled = false;
+    s.queue.clear();
+    s.off = 0;
+}
+
+/// Writes as much queued stdin as the pipe takes; waits for EPOLLOUT for the rest.
+fn flush_stdin(epoll: &Epoll, pid: u32, s: &mut InPipe) {
+    let Some(fd) = s.fd.as_ref().map(|f| f.as_raw_fd()) else {
+        return;
+    };
+    while let Some(front) = s.queue.front() {
+        match sys::write(fd, &front[s.off..]) {
+            Ok(n) => {
+                s.off += n;
+                if s.off >= front.len() {
+                    s.queue.pop_front();
+                    s.off = 0;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !s.polled {
+                    match epoll.add(fd, libc::EPOLLOUT as u32, token(pid, SLOT_STDIN)) {
+                        Ok(()) => s.polled = true,
+                        Err(e) => {
+                            eprintln!(
+                                "gworker-agent: epoll add for stdin of {pid}: {}",
+                                errstr(&e)
+                            );
+                            close_stdin(epoll, s);
+                        }
+                    }
+                }
+                return;
+            }
+            // EPIPE: the process closed its stdin; what is left cannot be delivered.
+            Err(_) => {
+                close_stdin(epoll, s);
+                return;
+            }
+        }
+    }
+    if s.polled {
+        let _ = epoll.delete(fd);
+        s.polled = false;
+    }
+    if s.close_when_drained {
+        close_stdin(epoll, s);
+    }
+}
+
+pub struct Agent {
+    epoll: Epoll,
+    writer: Writer,
+    host_fd: RawFd,
+    sigchld: OwnedFd,
+    _writer_dead: OwnedFd,
+    /// When fd 0 cannot be polled: the read end of a pipe a thread copies it into.
+    _host_pipe: Option<OwnedFd>,
+    procs: HashMap<u32, Proc>,
+    by_os_pid: HashMap<i32, u32>,
+    inbuf: Vec<u8>,
+    in_pos: usize,
+    scratch: Vec<u8>,
+}
+
+fn fatal(what: &str, e: io::Error) -> ! {
+    eprintln!("gworker-agent: {what}: {}", errstr(&e));
+    std::process::exit(1);
+}
+
+/// Starts the agent on fds 0 (from the host) and 1 (to the host). Never returns.
+pub fn run() -> ! {
+    // Before any thread exists, so that every thread inherits the blocked mask.
+    let sigchld = sys::sigchld_fd().unwrap_or_else(|e| fatal("signalfd", e));
+    if let Err(e) = sys::set_child_subreaper() {
+        eprintln!("gworker-agent: PR_SET_CHILD_SUBREAPER: {}", errstr(&e));
+    }
+    let epoll = Epoll::new().unwrap_or_else(|e| fatal("epoll_create", e));
+    let writer_dead = sys::eventfd().unwrap_or_else(|e| fatal("eventfd", e));
+    let writer =
+        Writer::start(1, writer_dead.as_raw_fd()).unwrap_or_else(|e| fatal("writer thread", e));
+    writer.send(&AgentMsg::Hello {
+        version: PROTOCOL_VERSION,
+        agent: env!("CARGO_PKG_VERSION").to_string(),
+    });
+
+    let in_ev = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+    epoll
+        .add(sigchld.as_raw_fd(), libc::EPOLLIN as u32, TOK_SIGCHLD)
+        .unwrap_or_else(|e| fatal("epoll add signalfd", e));
+    epoll
+        .add(
+            writer_dead.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            TOK_WRITER_DEAD,
+        )
+        .unwrap_or_else(|e| fatal("epoll add eventfd", e));
+    let (host_fd, host_pipe) = match epoll.add(0, in_ev, TOK_HOST) {
+        Ok(()) => (0, None),
+        // A regular file or something else epoll refuses: copy it into a pipe.
+        Err(_) => {
+            let (r, w) = sys::pipe().unwrap_or_else(|e| fatal("pipe", e));
+            std::thread::Builder::new()
+                .name("host-reader".into())
+                .spawn(move || copy_stdin_to(w))
+                .unwrap_or_else(|e| fatal("reader thread", e));
+            epoll
+                .add(r.as_raw_fd(), in_ev, TOK_HOST)
+                .unwrap_or_else(|e| fatal("epoll add host pipe", e));
+            (r.as_raw_fd(), Some(r))
+        }
+    };
+
+    let agent = Agent {
+        epoll,
+        writer,
+        host_fd,
+        sigchld,
+        _writer_dead: writer_dead,
+        _host_pipe: host_pipe,
+        procs: HashMap::new(),
+        by_os_pid: HashMap::new(),
+        inbuf: Vec::with_capacity(HOST_READ),
+        in_pos: 0,
+        scratch: vec![0; MAX_OUTPUT_CHUNK],
+    };
+    agent.event_loop()
+}
+
+/// Fallback when fd 0 cannot be polled: blocking copy into a pipe.
+fn copy_stdin_to(w: OwnedFd) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match sys::read(0, &mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if sys::write_all_vectored(w.as_raw_fd(), &[buf[..n].to_vec()]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                eprintln!("gworker-agent: reading from the host: {}", errstr(&e));
+                return;
+            }
+        }
+    }
+}
+
+impl Agent {
+    fn event_loop(mut self) -> ! {
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 128];
+        loop {
+            let n = match self.epoll.wait(&mut events) {
+                Ok(n) => n,
+                Err(e) => self.shutdown(&format!("epoll_wait failed: {}", errstr(&e))),
+            };
+            for ev in &events[..n] {
+                let tok = ev.u64;
+                match tok {
+                    TOK_HOST => {
+                        if let Err(reason) = self.read_host() {
+                            self.shutdown(&reason);
+                        }
+                    }
+                    TOK_SIGCHLD => self.reap(),
+                    TOK_WRITER_DEAD => self.shutdown("writing to the host failed"),
+                    _ => {
+                        let pid = (tok >> 2) as u32;
+                        match tok & 3 {
+                            SLOT_STDIN => {
+                                if let Some(p) = self.procs.get_mut(&pid) {
+                                    flush_stdin(&self.epoll, pid, &mut p.stdin);
+                                }
+                            }
+                            slot => self.pump(pid, slot as usize),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn log(&self, message: String) {
+        eprintln!("gworker-agent: {message}");
+        self.writer.send(&AgentMsg::Log { message });
+    }
+
+    /// Reads what the host sent and handles every complete frame.
+    fn read_host(&mut self) -> Result<(), String> {
+        if self.in_pos > 0 {
+            self.inbuf.drain(..self.in_pos);
+            self.in_pos = 0;
+        }
+        match sys::read_into_spare(self.host_fd, &mut self.inbuf, HOST_READ) {
+            Ok(0) => return Err("the host closed the agent's input".into()),
+            Ok(_) => {}
+            Err(e) if is_transient(&e) => return Ok(()),
+            Err(e) => return Err(format!("reading from the host failed: {}", errstr(&e))),
+        }
+        loop {
+            let avail = &self.inbuf[self.in_pos..];
+            if avail.len() < 4 {
+                return Ok(());
+            }
+            let prefix = [avail[0], avail[1], avail[2], avail[3]];
+            let len = frame_len(prefix).map_err(|e| format!("bad frame from the host: {e}"))?;
+            if avail.len() < 4 + len {
+                return Ok(());
+            }
+            let msg = HostMsg::decode(&avail[4..4 + len])
+                .map_err(|e| format!("bad frame from the host: {e}"))?;
+            self.in_pos += 4 + len;
+            self.handle(msg);
+        }
+    }
+
+    fn handle(&mut self, msg: HostMsg) {
+        match msg {
+            HostMsg::Spawn(s) => self.spawn(s),
+            HostMsg::Stdin { pid, data } => {
+                let Some(p) = self.procs.get_mut(&pid) else {
+                    return;
+                };
+                let s = &mut p.stdin;
+                if s.fd.is_none() || s.close_when_drained || data.is_empty() {
+                    return;
+                }
+                s.queue.push_back(data);
+                if s.queue.len() == 1 {
+                    flush_stdin(&self.epoll, pid, s);
+                }
+            }
+            HostMsg::StdinClose { pid } => {
+                let Some(p) = self.procs.get_mut(&pid) else {
+                    return;
+                };
+                p.stdin.close_when_drained = true;
+                flush_stdin(&self.epoll, pid, &mut p.stdin);
+            }
+            HostMsg::Signal { pid, signo } => self.signal(pid, signo),
+            HostMsg::Credit { pid, stream, bytes } => {
+                let Some(p) = self.procs.get_mut(&pid) else {
+                    return;
+                };
+                let idx = stream_index(stream);
+                let o = &mut p.out[idx];
+                o.credit = o.credit.saturating_add(u64::from(bytes));
+                set_interest(&self.epoll, pid, idx, o);
+            }
+            HostMsg::Ping { seq } => self.writer.send(&AgentMsg::Pong { seq }),
+        }
+    }
+
+    fn spawn(&mut self, s: Spawn) {
+        let pid = s.pid;
+        if self.procs.contains_key(&pid) {
+            let message = format!("process id {pid} is already in use");
+            self.writer.send(&AgentMsg::SpawnFailed {
+                pid,
+                kind: SpawnErrorKind::Other,
+                message,
+            });
+            return;
+        }
+        let st = match spawn::start(&s) {
+            Ok(st) => st,
+            Err(f) => {
+                self.writer.send(&AgentMsg::SpawnFailed {
+                    pid,
+                    kind: f.kind,
+                    message: f.message,
+                });
+                return;
+            }
+        };
+        let out_pipe = |fd: OwnedFd| {
+            sys::set_pipe_size(fd.as_raw_fd(), OUTPUT_PIPE_SIZE);
+            OutPipe {
+                fd: Some(fd),
+                credit: u64::from(INITIAL_WINDOW),
+                interest: Interest::Unregistered,
+            }
+        };
+        let mut p = Proc {
+            os_pid: st.os_pid,
+            out: [out_pipe(st.stdout), out_pipe(st.stderr)],
+            stdin: InPipe {
+                fd: Some(st.stdin),
+                queue: VecDeque::new(),
+                off: 0,
+                close_when_drained: false,
+                polled: false,
+            },
+            exited: false,
+        };
+        for fd in p
+            .out
+            .iter()
+            .filter_map(|o| o.fd.as_ref())
+            .chain(p.stdin.fd.as_ref())
+        {
+            if let Err(e) = sys::set_nonblocking(fd.as_raw_fd()) {
+                self.log(format!("O_NONBLOCK for process {pid}: {}", errstr(&e)));
+            }
+        }
+        for (idx, o) in p.out.iter_mut().enumerate() {
+            set_interest(&self.epoll, pid, idx, o);
+        }
+        self.by_os_pid.insert(st.os_pid, pid);
+        self.procs.insert(pid, p);
+        self.writer.send(&AgentMsg::Spawned {
+            pid,
+            os_pid: st.os_pid as u32,
+        });
+    }
+
+    fn pump(&mut self, pid: u32, idx: usize) {
+        let Some(p) = self.procs.get_mut(&pid) else {
+            return;
+        };
+        let Some(o) = p.out.get_mut(idx) else { return };
+        if let Pumped::Closed = pump_out(&self.epoll, &self.writer, &mut self.scratch, pid, idx, o)
+        {
+            self.maybe_forget(pid);
+        }
+    }
+
+    fn signal(&mut self, pid: u32, signo: i32) {
+        let Some(p) = self.procs.get(&pid) else {
+            self.log(format!("signal {signo} for unknown process {pid}"));
+            return;
+        };
+        let (os_pid, exited) = (p.os_pid, p.exited);
+        match sys::kill(-os_pid, signo) {
+            Ok(()) => {}
+            // The group is gone (or was never made): the process alone, while it
+            // is still ours (after reaping, its pid may belong to someone else).
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                if !exited {
+                    let _ = sys::kill(os_pid, signo);
+                }
+            }
+            Err(e) => self.log(format!("signal {signo} to process {pid}: {}", errstr(&e))),
+        }
+    }
+
+    fn reap(&mut self) {
+        sys::drain_signalfd(&self.sigchld);
+        while let Reaped::Child { os_pid, code } = sys::reap_one() {
+            self.exited(os_pid, code);
+        }
+    }
+
+    fn exited(&mut self, os_pid: i32, code: i32) {
+        // Not ours: an orphan re-parented to us; reaping it was the point.
+        let Some(pid) = self.by_os_pid.remove(&os_pid) else {
+            return;
+        };
+        let Some(p) = self.procs.get_mut(&pid) else {
+            return;
+        };
+        p.exited = true;
+        // Send what is already in the pipes (and their Eof, if no grandchild holds
+        // them open) before Exited, so the host usually sees output, Eof, Exited.
+        for (idx, o) in p.out.iter_mut().enumerate() {
+            for _ in 0..DRAIN_READS {
+                let r = pump_out(&self.epoll, &self.writer, &mut self.scratch, pid, idx, o);
+                if !matches!(r, Pumped::Data) {
+                    break;
+                }
+            }
+        }
+        close_stdin(&self.epoll, &mut p.stdin);
+        self.writer.send(&AgentMsg::Exited { pid, code });
+        self.maybe_forget(pid);
+    }
+
+    /// Drops a process once it has exited and both its streams have ended.
+    fn maybe_forget(&mut self, pid: u32) {
+        if let Some(p) = self.procs.get(&pid) {
+            if p.exited && p.out.iter().all(|o| o.fd.is_none()) {
+                self.procs.remove(&pid);
+            }
+        }
+    }
+
+    /// Ends the sandbox: SIGKILL every process group we started and every
+    /// descendant we can see, then exit 0.
+    fn shutdown(&self, reason: &str) -> ! {
+        eprintln!("gworker-agent: {reason}; killing all processes and exiting");
+        for p in self.procs.values() {
+            let _ = sys::kill(-p.os_pid, libc::SIGKILL);
+        }
+        for d in sys::descendants() {
+            let _ = sys::kill(d, libc::SIGKILL);
+        }
+        if std::process::id() == 1 {
+            // PID 1 of the sandbox's pid namespace: this reaches everything in it.
+            let _ = sys::kill(-1, libc::SIGKILL);
+        }
+        std::process::exit(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_frame_matches_the_codec() {
+        for data in [&b""[..], b"hi\n", &[7u8; 5000][..]] {
+            let mut expect = Vec::new();
+            AgentMsg::Output {
+                pid: 9,
+                stream: Stream::Stderr,
+                data: data.to_vec(),
+            }
+            .encode(&mut expect);
+            let got = output_frame(9, Stream::Stderr, data);
+            assert_eq!(got, expect);
+            assert_eq!(
+                AgentMsg::decode(&got[4..]).unwrap(),
+                AgentMsg::Output {
+                    pid: 9,
+                    stream: Stream::Stderr,
+                    data: data.to_vec()
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn tokens_do_not_collide_with_fixed_ones() {
+        let t = token(u32::MAX, SLOT_STDIN);
+        assert!(t < TOK_WRITER_DEAD);
+        assert_eq!((t >> 2) as u32, u32::MAX);
+    }
+}

@@ -1,0 +1,457 @@
+//! Thin, safe wrappers over the few Linux system calls the agent needs that std
+//! does not offer: epoll, signalfd, eventfd, non-blocking pipe I/O, waitpid,
+//! kill and prctl. Nothing here knows about the protocol.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn cvt_size(r: libc::ssize_t) -> io::Result<usize> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// A level-triggered epoll instance; each registration carries a `u64` token.
+pub struct Epoll(OwnedFd);
+
+impl Epoll {
+    pub fn new() -> io::Result<Epoll> {
+        // SAFETY: plain system call; the returned fd is owned by us from here on.
+        let fd = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: token };
+        // SAFETY: `ev` is a valid epoll_event for the duration of the call.
+        cvt(unsafe { libc::epoll_ctl(self.0.as_raw_fd(), op, fd, &mut ev) })?;
+        Ok(())
+    }
+
+    pub fn add(&self, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, events, token)
+    }
+
+    pub fn modify(&self, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, fd, events, token)
+    }
+
+    pub fn delete(&self, fd: RawFd) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0)
+    }
+
+    /// Waits for events; an interrupted wait returns 0 events.
+    pub fn wait(&self, events: &mut [libc::epoll_event]) -> io::Result<usize> {
+        let max = events.len().min(libc::c_int::MAX as usize) as libc::c_int;
+        // SAFETY: the kernel writes at most `max` entries into `events`.
+        let r = unsafe { libc::epoll_wait(self.0.as_raw_fd(), events.as_mut_ptr(), max, -1) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Ok(0);
+            }
+            return Err(e);
+        }
+        Ok(r as usize)
+    }
+}
+
+/// Blocks SIGCHLD in the calling thread (call before any other thread starts, so
+/// every thread inherits the mask) and returns a non-blocking signalfd for it.
+/// Children get a clean mask: std empties the signal mask before exec.
+pub fn sigchld_fd() -> io::Result<OwnedFd> {
+    // SAFETY: sigset_t is plain data; it is initialised by sigemptyset before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        let r = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+        let fd = cvt(libc::signalfd(
+            -1,
+            &set,
+            libc::SFD_NONBLOCK | libc::SFD_CLOEXEC,
+        ))?;
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Consumes every pending signal from a non-blocking signalfd.
+pub fn drain_signalfd(fd: &OwnedFd) {
+    let mut buf = [0u8; std::mem::size_of::<libc::signalfd_siginfo>() * 8];
+    loop {
+        match read(fd.as_raw_fd(), &mut buf) {
+            Ok(n) if n == buf.len() => continue,
+            _ => return,
+        }
+    }
+}
+
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain system call returning a fresh descriptor.
+    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+    // SAFETY: `fd` is fresh and ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub fn eventfd_signal(fd: RawFd) {
+    let one = 1u64.to_ne_bytes();
+    let _ = write(fd, &one);
+}
+
+/// A close-on-exec pipe: (read end, write end).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: both descriptors are fresh and ours.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we own; no pointers involved.
+    unsafe {
+        let flags = cvt(libc::fcntl(fd, libc::F_GETFL))?;
+        cvt(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK))?;
+    }
+    Ok(())
+}
+
+/// Best-effort: grow a pipe's buffer (fewer wake-ups for bulk output).
+pub fn set_pipe_size(fd: RawFd, size: usize) {
+    // SAFETY: fcntl without pointers; failure is harmless.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETPIPE_SZ, size as libc::c_int);
+    }
+}
+
+/// True when a pipe's read end is at end of file: no bytes buffered and no
+/// writer left. Lets us see EOF on a stream we may not read from (no credit).
+pub fn pipe_at_eof(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+    if r <= 0 || pfd.revents & (libc::POLLHUP | libc::POLLERR) == 0 {
+        return false;
+    }
+    let mut avail: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut avail) };
+    r == 0 && avail == 0
+}
+
+pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
+    cvt_size(unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) })
+}
+
+/// Reads into the spare capacity of `buf` (at most `max` bytes) and extends it.
+pub fn read_into_spare(fd: RawFd, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    buf.reserve(max);
+    let spare = buf.spare_capacity_mut();
+    let n = max.min(spare.len());
+    // SAFETY: the kernel writes at most `n` bytes into the spare capacity; we then
+    // mark exactly the bytes it reported as initialised.
+    let got = cvt_size(unsafe { libc::read(fd, spare.as_mut_ptr().cast(), n) })?;
+    // SAFETY: see above; `got <= n <= spare capacity`.
+    unsafe { buf.set_len(buf.len() + got) };
+    Ok(got)
+}
+
+pub fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: the kernel reads at most `buf.len()` bytes from `buf`.
+    cvt_size(unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) })
+}
+
+/// Writes every byte of every buffer to a blocking fd, with as few `writev`
+/// calls as the kernel allows.
+pub fn write_all_vectored(fd: RawFd, bufs: &[Vec<u8>]) -> io::Result<()> {
+    const MAX_IOV: usize = 512;
+    let mut idx = 0; // first buffer not fully written
+    let mut off = 0; // bytes of bufs[idx] already written
+    let mut iov: Vec<libc::iovec> = Vec::with_capacity(bufs.len().min(MAX_IOV));
+    while idx < bufs.len() {
+        if off == bufs[idx].len() {
+            idx += 1;
+            off = 0;
+            continue;
+        }
+        iov.clear();
+        for (i, b) in bufs[idx..].iter().take(MAX_IOV).enumerate() {
+            let skip = if i == 0 { off } else { 0 };
+            iov.push(libc::iovec {
+                iov_base: b[skip..].as_ptr() as *mut libc::c_void,
+                iov_len: b.len() - skip,
+            });
+        }
+        // SAFETY: every iovec points into a live buffer of `bufs` with its length.
+        let r = unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as libc::c_int) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let mut n = r as usize;
+        while n > 0 {
+            let left = bufs[idx].len() - off;
+            if n >= left {
+                n -= left;
+                idx += 1;
+                off = 0;
+            } else {
+                off += n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// True if `path` may be executed by us (`access(X_OK)`).
+pub fn executable(path: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated path.
+    unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
+}
+
+/// Starts `program` with `posix_spawn`: `fds` become the child's 0, 1, 2; it
+/// runs in `cwd` (if given), in a new process group, with an empty signal mask
+/// and every signal at its default disposition. Exec errors come back as the
+/// error (glibc reports them synchronously).
+pub fn posix_spawn(
+    program: &std::ffi::CStr,
+    argv: &[std::ffi::CString],
+    envp: &[std::ffi::CString],
+    cwd: Option<&std::ffi::CStr>,
+    fds: [RawFd; 3],
+) -> io::Result<i32> {
+    let mut argv_p: Vec<*mut libc::c_char> = argv.iter().map(|a| a.as_ptr() as *mut _).collect();
+    argv_p.push(std::ptr::null_mut());
+    let mut envp_p: Vec<*mut libc::c_char> = envp.iter().map(|a| a.as_ptr() as *mut _).collect();
+    envp_p.push(std::ptr::null_mut());
+    let check = |r: libc::c_int| {
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(r))
+        }
+    };
+
+    // SAFETY: the attr and file-action objects are initialised before use and
+    // destroyed on every path below; every pointer handed to posix_spawn (path,
+    // argv, envp, cwd) stays alive for the duration of the call.
+    unsafe {
+        let mut fa: libc::posix_spawn_file_actions_t = std::mem::zeroed();
+        check(libc::posix_spawn_file_actions_init(&mut fa))?;
+        let mut attr: libc::posix_spawnattr_t = std::mem::zeroed();
+        if let Err(e) = check(libc::posix_spawnattr_init(&mut attr)) {
+            libc::posix_spawn_file_actions_destroy(&mut fa);
+            return Err(e);
+        }
+        let result = (|| {
+            for (target, &fd) in fds.iter().enumerate() {
+                check(libc::posix_spawn_file_actions_adddup2(
+                    &mut fa,
+                    fd,
+                    target as libc::c_int,
+                ))?;
+            }
+            if let Some(dir) = cwd {
+                check(libc::posix_spawn_file_actions_addchdir_np(
+                    &mut fa,
+                    dir.as_ptr(),
+                ))?;
+            }
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            // Every bit set, not sigfillset: glibc's leaves out its internal
+            // signals (32, 33), and posix_spawn would then start the child with
+            // those ignored — a disposition that survives exec.
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            std::ptr::write_bytes(
+                &mut all as *mut libc::sigset_t as *mut u8,
+                0xff,
+                std::mem::size_of::<libc::sigset_t>(),
+            );
+            check(libc::posix_spawnattr_setsigmask(&mut attr, &none))?;
+            check(libc::posix_spawnattr_setsigdefault(&mut attr, &all))?;
+            check(libc::posix_spawnattr_setpgroup(&mut attr, 0))?;
+            let flags = libc::POSIX_SPAWN_SETPGROUP
+                | libc::POSIX_SPAWN_SETSIGMASK
+                | libc::POSIX_SPAWN_SETSIGDEF;
+            check(libc::posix_spawnattr_setflags(
+                &mut attr,
+                flags as libc::c_short,
+            ))?;
+            let mut pid: libc::pid_t = 0;
+            check(libc::posix_spawn(
+                &mut pid,
+                program.as_ptr(),
+                &fa,
+                &attr,
+                argv_p.as_ptr(),
+                envp_p.as_ptr(),
+            ))?;
+            Ok(pid)
+        })();
+        libc::posix_spawnattr_destroy(&mut attr);
+        libc::posix_spawn_file_actions_destroy(&mut fa);
+        result
+    }
+}
+
+/// How a child ended, from `waitpid`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reaped {
+    /// A child ended with this code (exit status, or 128+N for signal N).
+    Child { os_pid: i32, code: i32 },
+    /// Children exist but none has ended yet.
+    NoneReady,
+    /// No children at all.
+    NoChildren,
+}
+
+/// Reaps one ended child, any child (orphans re-parented to us included).
+pub fn reap_one() -> Reaped {
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: `status` is a valid out-pointer.
+        let r = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if r > 0 {
+            let code = if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else if libc::WIFSIGNALED(status) {
+                128 + libc::WTERMSIG(status)
+            } else {
+                continue; // stopped/continued: not requested, not an exit
+            };
+            return Reaped::Child { os_pid: r, code };
+        }
+        if r == 0 {
+            return Reaped::NoneReady;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return Reaped::NoChildren;
+    }
+}
+
+pub fn kill(pid: i32, signo: i32) -> io::Result<()> {
+    // SAFETY: plain system call.
+    cvt(unsafe { libc::kill(pid, signo) })?;
+    Ok(())
+}
+
+pub fn set_child_subreaper() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    cvt(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) })?;
+    Ok(())
+}
+
+/// Every descendant of this process that /proc can show (children files of
+/// every thread, recursively). Best effort: empty where /proc lacks them.
+pub fn descendants() -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut todo = vec![std::process::id() as i32];
+    while let Some(pid) = todo.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Ok(s) = std::fs::read_to_string(task.path().join("children")) else {
+                continue;
+            };
+            for child in s
+                .split_ascii_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok())
+            {
+                if child > 0 && !out.contains(&child) && out.len() < 100_000 {
+                    out.push(child);
+                    todo.push(child);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// "No such file or directory (os error 2)" → "no such file or directory".
+pub fn errstr(e: &io::Error) -> String {
+    let s = match e.raw_os_error() {
+        Some(code) => {
+            let full = io::Error::from_raw_os_error(code).to_string();
+            match full.rfind(" (os error") {
+                Some(i) => full[..i].to_string(),
+                None => full,
+            }
+        }
+        None => e.to_string(),
+    };
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_lowercase().chain(c).collect(),
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errstr_is_lowercase_without_code() {
+        assert_eq!(
+            errstr(&io::Error::from_raw_os_error(libc::ENOENT)),
+            "no such file or directory"
+        );
+        assert_eq!(
+            errstr(&io::Error::from_raw_os_error(libc::EACCES)),
+            "permission denied"
+        );
+    }
+
+    #[test]
+    fn write_all_vectored_handles_many_buffers() {
+        let (r, w) = pipe().unwrap();
+        let bufs: Vec<Vec<u8>> = (0..1000u32)
+            .map(|i| vec![(i % 251) as u8; (i % 7) as usize])
+            .collect();
+        let expect: Vec<u8> = bufs.concat();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut f = std::fs::File::from(r);
+            std::io::Read::read_to_end(&mut f, &mut got).unwrap();
+            got
+        });
+        write_all_vectored(w.as_raw_fd(), &bufs).unwrap();
+        drop(w);
+        assert_eq!(reader.join().unwrap(), expect);
+    }
+}
