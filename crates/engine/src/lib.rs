@@ -100,6 +100,17 @@ enum Ready {
 struct Live {
     sup: SupClient,
     ready: watch::Receiver<Ready>,
+    /// What the registry already holds of each process (its exit code), so
+    /// that recording a status writes only what changed.
+    recorded: Mutex<HashMap<u32, Option<i32>>>,
+    /// The image's environment, read once.
+    image_env: Mutex<Option<Vec<(String, String)>>>,
+}
+
+impl Live {
+    fn new(sup: SupClient, ready: watch::Receiver<Ready>) -> Arc<Live> {
+        Arc::new(Live { sup, ready, recorded: Mutex::new(HashMap::new()), image_env: Mutex::new(None) })
+    }
 }
 
 pub struct Engine {
@@ -222,7 +233,7 @@ impl Engine {
             let alive = std::os::unix::net::UnixStream::connect(&sock).is_ok();
             if alive {
                 let (_tx, rx) = watch::channel(Ready::Up);
-                self.live.lock().unwrap().insert(row.id.clone(), Arc::new(Live { sup: SupClient::new(sock), ready: rx }));
+                self.live.lock().unwrap().insert(row.id.clone(), Live::new(SupClient::new(sock), rx));
             } else if row.state != "exited" {
                 tracing::warn!(sandbox = %row.id, "supervisor gone while the daemon was down");
                 self.reg.set_exited(&row.id, None, "lost", Some("the sandbox's supervisor ended while the daemon was down"), now())?;
@@ -310,7 +321,7 @@ impl Engine {
         self.live
             .lock()
             .unwrap()
-            .insert(row.id.clone(), Arc::new(Live { sup: SupClient::new(self.sock_path(&row.id)), ready: rx }));
+            .insert(row.id.clone(), Live::new(SupClient::new(self.sock_path(&row.id)), rx));
         let engine = self.clone();
         let r2 = row.clone();
         tokio::spawn(async move {
@@ -415,15 +426,27 @@ impl Engine {
         Some(st)
     }
 
+    /// Writes what the supervisor reported and the registry lacks.
     fn record(&self, id: &str, st: &gworker_supervisor::Status) {
+        let live = self.live(id);
+        let mut seen = live.as_ref().map(|l| l.recorded.lock().unwrap().clone()).unwrap_or_default();
         for p in &st.procs {
-            let _ = self.reg.upsert_process(&ProcessRow {
+            if seen.get(&p.id) == Some(&p.exit_code) {
+                continue;
+            }
+            let ok = self.reg.upsert_process(&ProcessRow {
                 sandbox_id: id.to_string(),
                 process_id: p.id,
                 cmd: p.argv.clone(),
                 started_at: p.started_at,
                 exit_code: p.exit_code,
             });
+            if ok.is_ok() {
+                seen.insert(p.id, p.exit_code);
+            }
+        }
+        if let Some(l) = live {
+            *l.recorded.lock().unwrap() = seen;
         }
         if st.phase == Phase::Exited {
             let _ = self.reg.set_exited(
@@ -459,8 +482,17 @@ impl Engine {
         let live = self.up(id).await?;
         match live.sup.wait(pid, timeout).await {
             Ok(Some(code)) => {
-                if let Ok(st) = live.sup.status().await {
-                    self.record(id, &st);
+                match pid {
+                    Some(p) => {
+                        if self.reg.set_process_exit(id, p, code).is_ok() {
+                            live.recorded.lock().unwrap().insert(p, code);
+                        }
+                    }
+                    None => {
+                        if let Ok(st) = live.sup.status().await {
+                            self.record(id, &st);
+                        }
+                    }
                 }
                 Ok(code)
             }
@@ -492,7 +524,7 @@ impl Engine {
         }
         let row = self.row(id)?;
         let live = self.up(id).await?;
-        let image_env = self.images.ready(&row.image).ok().flatten().map(|i| i.env).unwrap_or_default();
+        let image_env = self.image_env(&live, &row.image);
         let exec_env: Vec<(String, String)> = env.into_iter().collect();
         let spec = ProcSpec {
             argv: req.cmd.clone(),
@@ -509,6 +541,7 @@ impl Engine {
             started_at,
             exit_code: None,
         })?;
+        live.recorded.lock().unwrap().insert(pid, None);
         Ok(api::Process {
             process_id: pid,
             sandbox_id: id.to_string(),
@@ -517,6 +550,14 @@ impl Engine {
             exit_code: None,
             started_at,
         })
+    }
+
+    fn image_env(&self, live: &Live, image: &str) -> Vec<(String, String)> {
+        let mut cached = live.image_env.lock().unwrap();
+        if cached.is_none() {
+            *cached = self.images.ready(image).ok().flatten().map(|i| i.env);
+        }
+        cached.clone().unwrap_or_default()
     }
 
     pub async fn processes(&self, id: &str) -> Result<Vec<api::Process>> {

@@ -172,6 +172,14 @@ impl Registry {
         Ok(())
     }
 
+    pub fn set_process_exit(&self, sandbox_id: &str, process_id: u32, exit_code: Option<i32>) -> Result<(), RegistryError> {
+        self.conn().execute(
+            "UPDATE processes SET exit_code = COALESCE(exit_code, ?3) WHERE sandbox_id = ?1 AND process_id = ?2",
+            params![sandbox_id, process_id, exit_code],
+        )?;
+        Ok(())
+    }
+
     pub fn processes(&self, sandbox_id: &str) -> Result<Vec<ProcessRow>, RegistryError> {
         let conn = self.conn();
         let mut st = conn.prepare(
