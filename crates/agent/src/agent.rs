@@ -466,6 +466,8 @@ impl Agent {
                 set_interest(&self.epoll, pid, idx, o);
             }
             HostMsg::Ping { seq } => self.writer.send(&AgentMsg::Pong { seq }),
+            HostMsg::Quiesce => self.writer.quiesce(),
+            HostMsg::Resume => self.writer.resume(),
         }
     }
 

@@ -19,10 +19,18 @@ use crate::sys;
 const BATCH_FRAMES: usize = 256;
 const BATCH_BYTES: usize = 4 * 1024 * 1024;
 
+enum Item {
+    Frame(Vec<u8>),
+    /// Write everything before this, then `Quiesced`, then hold frames.
+    Quiesce,
+    /// Write what was held and carry on.
+    Resume,
+}
+
 /// A cheap handle for sending frames to the host.
 #[derive(Clone)]
 pub struct Writer {
-    tx: Sender<Vec<u8>>,
+    tx: Sender<Item>,
 }
 
 impl Writer {
@@ -46,23 +54,46 @@ impl Writer {
     pub fn send_frame(&self, frame: Vec<u8>) {
         // The receiver only goes away after a write error, when the event loop
         // is about to end the process anyway.
-        let _ = self.tx.send(frame);
+        let _ = self.tx.send(Item::Frame(frame));
+    }
+
+    /// See `HostMsg::Quiesce`: frames sent after this are held until `resume`.
+    pub fn quiesce(&self) {
+        let _ = self.tx.send(Item::Quiesce);
+    }
+
+    pub fn resume(&self) {
+        let _ = self.tx.send(Item::Resume);
     }
 }
 
-fn run(fd: RawFd, rx: Receiver<Vec<u8>>, dead_fd: RawFd) {
+fn run(fd: RawFd, rx: Receiver<Item>, dead_fd: RawFd) {
     let mut batch: Vec<Vec<u8>> = Vec::with_capacity(BATCH_FRAMES);
-    while let Ok(first) = rx.recv() {
-        let mut bytes = first.len();
-        batch.push(first);
+    // Frames held while quiesced (bounded by credit, like everything else).
+    let mut held: std::collections::VecDeque<Vec<u8>> = std::collections::VecDeque::new();
+    let mut quiesced = false;
+    loop {
+        // Gather a batch: held frames first once resumed, then the queue.
+        let mut bytes = 0;
+        while !quiesced && batch.len() < BATCH_FRAMES && bytes < BATCH_BYTES {
+            let Some(f) = held.pop_front() else { break };
+            bytes += f.len();
+            batch.push(f);
+        }
+        if batch.is_empty() {
+            match rx.recv() {
+                Ok(item) => handle_item(item, &mut batch, &mut held, &mut quiesced, &mut bytes),
+                Err(_) => return,
+            }
+        }
         while batch.len() < BATCH_FRAMES && bytes < BATCH_BYTES {
             match rx.try_recv() {
-                Ok(f) => {
-                    bytes += f.len();
-                    batch.push(f);
-                }
+                Ok(item) => handle_item(item, &mut batch, &mut held, &mut quiesced, &mut bytes),
                 Err(_) => break,
             }
+        }
+        if batch.is_empty() {
+            continue;
         }
         if let Err(e) = sys::write_all_vectored(fd, &batch) {
             eprintln!(
@@ -73,5 +104,32 @@ fn run(fd: RawFd, rx: Receiver<Vec<u8>>, dead_fd: RawFd) {
             return;
         }
         batch.clear();
+    }
+}
+
+fn handle_item(
+    item: Item,
+    batch: &mut Vec<Vec<u8>>,
+    held: &mut std::collections::VecDeque<Vec<u8>>,
+    quiesced: &mut bool,
+    bytes: &mut usize,
+) {
+    match item {
+        // Behind held frames, to keep the order.
+        Item::Frame(f) if *quiesced || !held.is_empty() => held.push_back(f),
+        Item::Frame(f) => {
+            *bytes += f.len();
+            batch.push(f);
+        }
+        Item::Quiesce => {
+            if !*quiesced {
+                let mut f = Vec::new();
+                AgentMsg::Quiesced.encode(&mut f);
+                *bytes += f.len();
+                batch.push(f);
+                *quiesced = true;
+            }
+        }
+        Item::Resume => *quiesced = false,
     }
 }

@@ -592,3 +592,19 @@ fn children_start_with_clean_signal_state_in_their_own_group() {
         "the process leads its own process group"
     );
 }
+
+#[test]
+fn quiesce_holds_output_until_resume() {
+    let mut a = Agent::start();
+    a.spawn(1, &["sh", "-c", "read x; echo got-$x"]);
+    a.spawned(1);
+    a.send(&HostMsg::Quiesce);
+    assert_eq!(a.recv(), AgentMsg::Quiesced);
+    // The process runs and finishes while quiesced, but nothing reaches us.
+    a.send(&HostMsg::Stdin { pid: 1, data: b"a\n".to_vec() });
+    assert!(a.try_recv(Duration::from_millis(500)).is_none(), "held while quiesced");
+    a.send(&HostMsg::Resume);
+    let p = a.wait_done(1);
+    assert_eq!(p.stdout, b"got-a\n");
+    assert_eq!(p.code, Some(0));
+}

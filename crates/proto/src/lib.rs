@@ -106,6 +106,13 @@ pub enum HostMsg {
     Credit { pid: u32, stream: Stream, bytes: u32 },
     /// Liveness check; the agent answers `Pong` with the same `seq`.
     Ping { seq: u32 },
+    /// Before a checkpoint: the host sends nothing after this until `Resume`;
+    /// the agent writes every frame queued so far, then `Quiesced`, then holds
+    /// further frames (processes keep running) until `Resume`. Both pipes are
+    /// then at a frame boundary, so a checkpoint can be restored onto new pipes.
+    Quiesce,
+    /// After a checkpoint or restore (possibly on new pipes): carry on.
+    Resume,
 }
 
 /// Messages from the agent to the host.
@@ -124,6 +131,8 @@ pub enum AgentMsg {
     Pong { seq: u32 },
     /// A diagnostic line from the agent itself.
     Log { message: String },
+    /// Answer to `Quiesce`: the last frame before the agent holds its output.
+    Quiesced,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -145,6 +154,8 @@ const H_STDIN_CLOSE: u8 = 0x04;
 const H_SIGNAL: u8 = 0x05;
 const H_CREDIT: u8 = 0x06;
 const H_PING: u8 = 0x07;
+const H_QUIESCE: u8 = 0x08;
+const H_RESUME: u8 = 0x09;
 const A_HELLO: u8 = 0x81;
 const A_SPAWNED: u8 = 0x82;
 const A_SPAWN_FAILED: u8 = 0x83;
@@ -153,6 +164,7 @@ const A_EOF: u8 = 0x85;
 const A_EXITED: u8 = 0x86;
 const A_PONG: u8 = 0x87;
 const A_LOG: u8 = 0x88;
+const A_QUIESCED: u8 = 0x89;
 
 struct Enc<'a>(&'a mut Vec<u8>);
 
@@ -255,6 +267,8 @@ impl HostMsg {
                 HostMsg::Signal { .. } => H_SIGNAL,
                 HostMsg::Credit { .. } => H_CREDIT,
                 HostMsg::Ping { .. } => H_PING,
+                HostMsg::Quiesce => H_QUIESCE,
+                HostMsg::Resume => H_RESUME,
             };
             at = begin(out, ty);
         }
@@ -282,6 +296,7 @@ impl HostMsg {
                 e.u32(*bytes);
             }
             HostMsg::Ping { seq } => e.u32(*seq),
+            HostMsg::Quiesce | HostMsg::Resume => {}
         }
         finish(out, at);
     }
@@ -306,6 +321,8 @@ impl HostMsg {
                 bytes: d.u32()?,
             },
             H_PING => HostMsg::Ping { seq: d.u32()? },
+            H_QUIESCE => HostMsg::Quiesce,
+            H_RESUME => HostMsg::Resume,
             t => return Err(DecodeError::UnknownType(t)),
         };
         d.end()?;
@@ -325,6 +342,7 @@ impl AgentMsg {
             AgentMsg::Exited { .. } => A_EXITED,
             AgentMsg::Pong { .. } => A_PONG,
             AgentMsg::Log { .. } => A_LOG,
+            AgentMsg::Quiesced => A_QUIESCED,
         };
         let at = begin(out, ty);
         let mut e = Enc(out);
@@ -357,6 +375,7 @@ impl AgentMsg {
             }
             AgentMsg::Pong { seq } => e.u32(*seq),
             AgentMsg::Log { message } => e.bytes(message.as_bytes()),
+            AgentMsg::Quiesced => {}
         }
         finish(out, at);
     }
@@ -381,6 +400,7 @@ impl AgentMsg {
             A_EXITED => AgentMsg::Exited { pid: d.u32()?, code: d.i32()? },
             A_PONG => AgentMsg::Pong { seq: d.u32()? },
             A_LOG => AgentMsg::Log { message: d.string()? },
+            A_QUIESCED => AgentMsg::Quiesced,
             t => return Err(DecodeError::UnknownType(t)),
         };
         d.end()?;
@@ -465,6 +485,8 @@ mod tests {
         host_roundtrip(HostMsg::Signal { pid: 3, signo: 9 });
         host_roundtrip(HostMsg::Credit { pid: 3, stream: Stream::Stderr, bytes: 65536 });
         host_roundtrip(HostMsg::Ping { seq: u32::MAX });
+        host_roundtrip(HostMsg::Quiesce);
+        host_roundtrip(HostMsg::Resume);
     }
 
     #[test]
@@ -481,6 +503,7 @@ mod tests {
         agent_roundtrip(AgentMsg::Exited { pid: 1, code: 137 });
         agent_roundtrip(AgentMsg::Pong { seq: 5 });
         agent_roundtrip(AgentMsg::Log { message: "x".into() });
+        agent_roundtrip(AgentMsg::Quiesced);
     }
 
     #[test]
