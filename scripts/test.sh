@@ -21,7 +21,7 @@ echo "GWORKER_BIN=$GWORKER_BIN"
 echo "GWORKER_AGENT=$GWORKER_AGENT"
 
 phase "cargo test --workspace"
-if ! timeout -k 30s 20m cargo test --workspace; then
+if ! timeout -k 30s 20m cargo test --workspace --no-fail-fast; then
     failed+=("cargo test")
 fi
 

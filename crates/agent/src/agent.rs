@@ -312,11 +312,14 @@ pub fn run() -> ! {
             TOK_WRITER_DEAD,
         )
         .unwrap_or_else(|e| fatal("epoll add eventfd", e));
-    let (host_fd, host_pipe) = match epoll.add(0, in_ev, TOK_HOST) {
-        Ok(()) => (0, None),
-        // A regular file or something else epoll refuses: copy it into a pipe.
-        Err(_) => {
+    // fd 0 is a host pipe. It is not polled directly: after a checkpoint is
+    // restored, this gVisor (20221219) delivers one epoll event for a host fd
+    // and then no more, while blocking reads keep working. So a thread copies
+    // it with blocking reads into a sandbox-internal pipe, which polls fine.
+    let (host_fd, host_pipe) = {
+        {
             let (r, w) = sys::pipe().unwrap_or_else(|e| fatal("pipe", e));
+            sys::set_nonblocking(r.as_raw_fd()).unwrap_or_else(|e| fatal("O_NONBLOCK", e));
             std::thread::Builder::new()
                 .name("host-reader".into())
                 .spawn(move || copy_stdin_to(w))
@@ -344,7 +347,7 @@ pub fn run() -> ! {
     agent.event_loop()
 }
 
-/// Fallback when fd 0 cannot be polled: blocking copy into a pipe.
+/// Blocking copy of the host's frames (fd 0) into the event loop's pipe.
 fn copy_stdin_to(w: OwnedFd) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {

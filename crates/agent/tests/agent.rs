@@ -601,8 +601,14 @@ fn quiesce_holds_output_until_resume() {
     a.send(&HostMsg::Quiesce);
     assert_eq!(a.recv(), AgentMsg::Quiesced);
     // The process runs and finishes while quiesced, but nothing reaches us.
-    a.send(&HostMsg::Stdin { pid: 1, data: b"a\n".to_vec() });
-    assert!(a.try_recv(Duration::from_millis(500)).is_none(), "held while quiesced");
+    a.send(&HostMsg::Stdin {
+        pid: 1,
+        data: b"a\n".to_vec(),
+    });
+    assert!(
+        a.try_recv(Duration::from_millis(500)).is_none(),
+        "held while quiesced"
+    );
     a.send(&HostMsg::Resume);
     let p = a.wait_done(1);
     assert_eq!(p.stdout, b"got-a\n");

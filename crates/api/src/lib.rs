@@ -44,10 +44,38 @@ pub struct CreateSandbox {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub volumes: Option<BTreeMap<String, serde_json::Value>>,
-    /// Not supported yet: refused with `not_supported`.
+    /// Restore this snapshot instead of a cold start: its processes go on
+    /// running. `image` may be omitted (it must match the snapshot's).
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
-    pub snapshot: Option<serde_json::Value>,
+    pub snapshot: Option<SnapshotRef>,
+}
+
+/// A reference to a snapshot in a create request.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRef {
+    pub snapshot_id: String,
+}
+
+/// A memory snapshot of a running sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Snapshot {
+    pub snapshot_id: String,
+    pub source_sandbox_id: String,
+    pub image: String,
+    pub created_at: f64,
+    pub size_bytes: u64,
+    /// SHA-256 of the checkpoint's files, checked before every restore.
+    pub sha256: String,
+    /// How long the source sandbox was paused while it was taken (ms).
+    pub pause_ms: f64,
+    /// Processes that were running in it (they go on running after a restore).
+    pub processes: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotList {
+    pub snapshots: Vec<Snapshot>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -161,6 +189,14 @@ pub enum ErrorCode {
     OutputDiscarded,
     PayloadTooLarge,
     SandboxStartingFailed,
+    /// The request conflicts with work in progress (e.g. a snapshot already being taken).
+    Conflict,
+    /// Taking a snapshot failed on the server's side.
+    SnapshotFailed,
+    /// A snapshot's files do not match their recorded content hash.
+    SnapshotCorrupt,
+    /// A snapshot cannot be restored here (different runsc, image or CPU).
+    SnapshotIncompatible,
     Internal,
 }
 
@@ -172,11 +208,14 @@ impl ErrorCode {
             ErrorCode::Unauthorized => 401,
             ErrorCode::NotFound | ErrorCode::WorkdirNotFound | ErrorCode::CommandNotFound => 404,
             ErrorCode::WaitTimeout => 408,
-            ErrorCode::SandboxNotRunning => 409,
+            ErrorCode::SandboxNotRunning
+            | ErrorCode::Conflict
+            | ErrorCode::SnapshotIncompatible => 409,
+            ErrorCode::SnapshotCorrupt => 422,
             ErrorCode::OutputDiscarded => 410,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::Internal => 500,
-            ErrorCode::SandboxStartingFailed => 503,
+            ErrorCode::SandboxStartingFailed | ErrorCode::SnapshotFailed => 503,
         }
     }
 
@@ -194,6 +233,10 @@ impl ErrorCode {
             ErrorCode::OutputDiscarded => "output_discarded",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::SandboxStartingFailed => "sandbox_starting_failed",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::SnapshotFailed => "snapshot_failed",
+            ErrorCode::SnapshotCorrupt => "snapshot_corrupt",
+            ErrorCode::SnapshotIncompatible => "snapshot_incompatible",
             ErrorCode::Internal => "internal",
         }
     }

@@ -7,7 +7,11 @@ mod serve;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "gworker", version, about = "Self-hosted gVisor sandboxes for untrusted code")]
+#[command(
+    name = "gworker",
+    version,
+    about = "Self-hosted gVisor sandboxes for untrusted code"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -58,7 +58,9 @@ pub fn default_data_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
         return PathBuf::from(d).join("gworker");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/tmp".into());
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/tmp".into());
     home.join(".local/share/gworker")
 }
 
@@ -69,10 +71,18 @@ fn find_agent() -> PathBuf {
     let profile = dir.file_name().map(|n| n.to_owned()).unwrap_or_default();
     let candidates = [
         dir.join("gworker-agent-static"),
-        dir.join("../x86_64-unknown-linux-gnu").join(&profile).join("gworker-agent"),
-        dir.join("../../x86_64-unknown-linux-gnu").join(&profile).join("gworker-agent"),
+        dir.join("../x86_64-unknown-linux-gnu")
+            .join(&profile)
+            .join("gworker-agent"),
+        dir.join("../../x86_64-unknown-linux-gnu")
+            .join(&profile)
+            .join("gworker-agent"),
     ];
-    candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| candidates[1].clone())
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .unwrap_or_else(|| candidates[1].clone())
 }
 
 pub fn serve(a: ServeArgs) -> ExitCode {
@@ -83,7 +93,10 @@ pub fn serve(a: ServeArgs) -> ExitCode {
             data_dir: data_dir.clone(),
             runsc_bin: a.runsc.unwrap_or_else(gworker_runtime::find_runsc),
             // runsc resolves bind sources from its own cwd: make the path absolute.
-            agent: a.agent.map(|p| std::fs::canonicalize(&p).unwrap_or(p)).unwrap_or_else(find_agent),
+            agent: a
+                .agent
+                .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
+                .unwrap_or_else(find_agent),
             supervisor_exe: std::env::current_exe().unwrap_or_else(|_| "gworker".into()),
             retention: Duration::from_secs(a.retention),
         },
@@ -102,8 +115,11 @@ pub fn serve(a: ServeArgs) -> ExitCode {
 }
 
 fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("GWORKER_LOG").unwrap_or_else(|_| "info".into());
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GWORKER_LOG")
+        .unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         b.json().init();
     } else {
@@ -114,7 +130,9 @@ fn init_logging(json: bool) {
 pub fn image(cmd: ImageCmd) -> ExitCode {
     match cmd {
         ImageCmd::Build { name, data_dir } => {
-            let store = gworker_images::ImageStore::new(data_dir.unwrap_or_else(default_data_dir).join("images"));
+            let store = gworker_images::ImageStore::new(
+                data_dir.unwrap_or_else(default_data_dir).join("images"),
+            );
             eprintln!("building {name} (cached after the first build)");
             match store.ensure(&name, &mut |line| eprintln!("  {line}")) {
                 Ok(info) => {
@@ -128,7 +146,9 @@ pub fn image(cmd: ImageCmd) -> ExitCode {
             }
         }
         ImageCmd::Ls { data_dir, json } => {
-            let store = gworker_images::ImageStore::new(data_dir.unwrap_or_else(default_data_dir).join("images"));
+            let store = gworker_images::ImageStore::new(
+                data_dir.unwrap_or_else(default_data_dir).join("images"),
+            );
             match store.list() {
                 Ok(list) => {
                     if json {
@@ -140,7 +160,12 @@ pub fn image(cmd: ImageCmd) -> ExitCode {
                     } else {
                         println!("{:<14} {:>10}  ROOTFS", "NAME", "SIZE");
                         for i in list {
-                            println!("{:<14} {:>9}M  {}", i.name, i.size_bytes / (1 << 20), i.rootfs.display());
+                            println!(
+                                "{:<14} {:>9}M  {}",
+                                i.name,
+                                i.size_bytes / (1 << 20),
+                                i.rootfs.display()
+                            );
                         }
                     }
                     ExitCode::SUCCESS

@@ -52,19 +52,25 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     });
 
     if let Some(parent) = opts.socket.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
     }
     let _ = std::fs::remove_file(&opts.socket);
     let unix = tokio::net::UnixListener::bind(&opts.socket)
         .with_context(|| format!("cannot listen on {}", opts.socket.display()))?;
-    std::fs::set_permissions(&opts.socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    std::fs::set_permissions(
+        &opts.socket,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
     tracing::info!(socket = %opts.socket.display(), "listening");
 
     let app = routes::router(engine.clone(), None);
     let unix_server = axum::serve(unix, app.into_make_service());
 
     if let Some(addr) = opts.listen {
-        let tcp = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
         tracing::info!(%addr, "listening on TCP (token required)");
         let app = routes::router(engine.clone(), opts.token.clone().map(Arc::new));
         let tcp_server = axum::serve(tcp, app.into_make_service());

@@ -8,25 +8,58 @@ use crate::routes;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "gworker", description = "Self-hosted gVisor sandboxes. See docs/http-api.md."),
+    info(
+        title = "gworker",
+        description = "Self-hosted gVisor sandboxes. See docs/http-api.md."
+    ),
     paths(
-        routes::health, routes::create, routes::list, routes::get_sandbox, routes::terminate,
-        routes::wait_sandbox, routes::exec, routes::snapshot, routes::processes, routes::process,
-        routes::wait_process, routes::stdout, routes::stderr, routes::stdin, routes::stdin_close,
-        routes::signal
+        routes::health,
+        routes::create,
+        routes::list,
+        routes::get_sandbox,
+        routes::terminate,
+        routes::wait_sandbox,
+        routes::exec,
+        routes::snapshot,
+        routes::processes,
+        routes::process,
+        routes::wait_process,
+        routes::stdout,
+        routes::stderr,
+        routes::stdin,
+        routes::stdin_close,
+        routes::signal,
+        routes::list_snapshots,
+        routes::get_snapshot,
+        routes::delete_snapshot
     ),
     components(schemas(
-        gworker_api::CreateSandbox, gworker_api::Sandbox, gworker_api::SandboxList, gworker_api::SandboxState,
-        gworker_api::Exec, gworker_api::Process, gworker_api::ProcessList, gworker_api::ProcessState,
-        gworker_api::WaitResult, gworker_api::Signal, gworker_api::Health, gworker_api::ErrorBody,
-        gworker_api::ErrorDetail, gworker_api::ErrorCode
+        gworker_api::CreateSandbox,
+        gworker_api::Sandbox,
+        gworker_api::SandboxList,
+        gworker_api::SandboxState,
+        gworker_api::Exec,
+        gworker_api::Process,
+        gworker_api::ProcessList,
+        gworker_api::ProcessState,
+        gworker_api::WaitResult,
+        gworker_api::Signal,
+        gworker_api::Health,
+        gworker_api::ErrorBody,
+        gworker_api::ErrorDetail,
+        gworker_api::ErrorCode,
+        gworker_api::Snapshot,
+        gworker_api::SnapshotList,
+        gworker_api::SnapshotRef
     ))
 )]
 struct ApiDoc;
 
 /// The document as pretty JSON with a trailing newline.
 pub fn openapi_json() -> String {
-    let mut s = ApiDoc::openapi().to_pretty_json().expect("openapi serializes");
+    let mut s = ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("openapi serializes");
     s.push('\n');
     s
 }

@@ -32,13 +32,21 @@ pub fn router(engine: Arc<Engine>, token: Option<Arc<String>>) -> Router {
         .route("/v1/sandboxes/{id}/wait", get(wait_sandbox))
         .route("/v1/sandboxes/{id}/exec", post(exec))
         .route("/v1/sandboxes/{id}/snapshot", post(snapshot))
+        .route("/v1/snapshots", get(list_snapshots))
+        .route(
+            "/v1/snapshots/{id}",
+            get(get_snapshot).delete(delete_snapshot),
+        )
         .route("/v1/sandboxes/{id}/processes", get(processes))
         .route("/v1/sandboxes/{id}/processes/{pid}", get(process))
         .route("/v1/sandboxes/{id}/processes/{pid}/wait", get(wait_process))
         .route("/v1/sandboxes/{id}/processes/{pid}/stdout", get(stdout))
         .route("/v1/sandboxes/{id}/processes/{pid}/stderr", get(stderr))
         .route("/v1/sandboxes/{id}/processes/{pid}/stdin", post(stdin))
-        .route("/v1/sandboxes/{id}/processes/{pid}/stdin/close", post(stdin_close))
+        .route(
+            "/v1/sandboxes/{id}/processes/{pid}/stdin/close",
+            post(stdin_close),
+        )
         .route("/v1/sandboxes/{id}/processes/{pid}/signal", post(signal))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -59,18 +67,25 @@ async fn require_token(State(token): State<Arc<String>>, req: Request, next: Nex
         .unwrap_or("");
     let ok: bool = subtle::ConstantTimeEq::ct_eq(given.as_bytes(), token.as_bytes()).into();
     if !ok {
-        return ApiError::new(ErrorCode::Unauthorized, "missing or wrong bearer token: send `Authorization: Bearer $GWORKER_TOKEN`")
-            .into_response();
+        return ApiError::new(
+            ErrorCode::Unauthorized,
+            "missing or wrong bearer token: send `Authorization: Bearer $GWORKER_TOKEN`",
+        )
+        .into_response();
     }
     next.run(req).await
 }
 
 async fn not_found() -> ApiError {
-    ApiError::new(ErrorCode::NotFound, "no such endpoint; see /v1/openapi.json")
+    ApiError::new(
+        ErrorCode::NotFound,
+        "no such endpoint; see /v1/openapi.json",
+    )
 }
 
 async fn method_not_allowed() -> Response {
-    let mut r = ApiError::invalid("method not allowed on this endpoint; see /v1/openapi.json").into_response();
+    let mut r = ApiError::invalid("method not allowed on this endpoint; see /v1/openapi.json")
+        .into_response();
     *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
     r
 }
@@ -83,50 +98,73 @@ fn body_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> ApiRes
 
 fn body_error(e: BytesRejection) -> ApiError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(ErrorCode::PayloadTooLarge, format!("request body over {} bytes", api::MAX_BODY))
+        ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("request body over {} bytes", api::MAX_BODY),
+        )
     } else {
         ApiError::invalid(format!("cannot read the request body: {e}"))
     }
 }
 
 fn path<T>(p: Result<Path<T>, PathRejection>) -> ApiResult<T> {
-    p.map(|Path(v)| v).map_err(|e| ApiError::new(ErrorCode::NotFound, format!("bad path: {e}")))
+    p.map(|Path(v)| v)
+        .map_err(|e| ApiError::new(ErrorCode::NotFound, format!("bad path: {e}")))
 }
 
 fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
-    q.map(|Query(v)| v).map_err(|e| ApiError::invalid(format!("bad query: {e}")))
+    q.map(|Query(v)| v)
+        .map_err(|e| ApiError::invalid(format!("bad query: {e}")))
 }
 
 #[utoipa::path(get, path = "/v1/health", responses((status = 200, body = api::Health)))]
 pub async fn health() -> Json<api::Health> {
-    Json(api::Health { status: "ok".into(), version: env!("CARGO_PKG_VERSION").into() })
+    Json(api::Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
 }
 
 async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], crate::openapi::openapi_json()).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        crate::openapi::openapi_json(),
+    )
+        .into_response()
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes", request_body = api::CreateSandbox,
     responses((status = 201, body = api::Sandbox), (status = 400, body = api::ErrorBody)))]
-pub async fn create(State(e): Eng, body: Result<Bytes, BytesRejection>) -> ApiResult<(StatusCode, Json<api::Sandbox>)> {
+pub async fn create(
+    State(e): Eng,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<api::Sandbox>)> {
     let req: api::CreateSandbox = body_json(body)?;
     Ok((StatusCode::CREATED, Json(e.create(req).await?)))
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes", responses((status = 200, body = api::SandboxList)))]
 pub async fn list(State(e): Eng) -> ApiResult<Json<api::SandboxList>> {
-    Ok(Json(api::SandboxList { sandboxes: e.list().await? }))
+    Ok(Json(api::SandboxList {
+        sandboxes: e.list().await?,
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}", params(("id" = String, Path)),
     responses((status = 200, body = api::Sandbox), (status = 404, body = api::ErrorBody)))]
-pub async fn get_sandbox(State(e): Eng, p: Result<Path<String>, PathRejection>) -> ApiResult<Json<api::Sandbox>> {
+pub async fn get_sandbox(
+    State(e): Eng,
+    p: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<api::Sandbox>> {
     Ok(Json(e.get(&path(p)?).await?))
 }
 
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}", params(("id" = String, Path)),
     responses((status = 204), (status = 404, body = api::ErrorBody)))]
-pub async fn terminate(State(e): Eng, p: Result<Path<String>, PathRejection>) -> ApiResult<StatusCode> {
+pub async fn terminate(
+    State(e): Eng,
+    p: Result<Path<String>, PathRejection>,
+) -> ApiResult<StatusCode> {
     e.terminate(&path(p)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -140,7 +178,9 @@ pub struct WaitQuery {
 fn wait_duration(q: WaitQuery) -> ApiResult<Duration> {
     let t = q.timeout.unwrap_or(api::MAX_WAIT_SECS);
     if !t.is_finite() || t < 0.0 {
-        return Err(ApiError::invalid("timeout must be a non-negative number of seconds"));
+        return Err(ApiError::invalid(
+            "timeout must be a non-negative number of seconds",
+        ));
     }
     Ok(Duration::from_secs_f64(t.min(api::MAX_WAIT_SECS)))
 }
@@ -154,7 +194,9 @@ pub async fn wait_sandbox(
 ) -> ApiResult<Json<api::WaitResult>> {
     let id = path(p)?;
     let t = wait_duration(query(q)?)?;
-    Ok(Json(api::WaitResult { exit_code: e.wait(&id, None, t).await? }))
+    Ok(Json(api::WaitResult {
+        exit_code: e.wait(&id, None, t).await?,
+    }))
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", params(("id" = String, Path)), request_body = api::Exec,
@@ -170,21 +212,57 @@ pub async fn exec(
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/snapshot", params(("id" = String, Path)),
-    responses((status = 400, body = api::ErrorBody)))]
-pub async fn snapshot(State(e): Eng, p: Result<Path<String>, PathRejection>) -> ApiResult<StatusCode> {
-    e.get(&path(p)?).await?;
-    Err(ApiError::new(ErrorCode::NotSupported, "snapshots are not supported yet"))
+    responses((status = 201, body = api::Snapshot), (status = 409, body = api::ErrorBody), (status = 503, body = api::ErrorBody)))]
+pub async fn snapshot(
+    State(e): Eng,
+    p: Result<Path<String>, PathRejection>,
+) -> ApiResult<(StatusCode, Json<api::Snapshot>)> {
+    Ok((StatusCode::CREATED, Json(e.snapshot(&path(p)?).await?)))
+}
+
+#[utoipa::path(get, path = "/v1/snapshots", responses((status = 200, body = api::SnapshotList)))]
+pub async fn list_snapshots(State(e): Eng) -> ApiResult<Json<api::SnapshotList>> {
+    Ok(Json(api::SnapshotList {
+        snapshots: e.snapshots()?,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/snapshots/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = api::Snapshot), (status = 404, body = api::ErrorBody)))]
+pub async fn get_snapshot(
+    State(e): Eng,
+    p: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<api::Snapshot>> {
+    Ok(Json(e.get_snapshot(&path(p)?)?))
+}
+
+#[utoipa::path(delete, path = "/v1/snapshots/{id}", params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = api::ErrorBody)))]
+pub async fn delete_snapshot(
+    State(e): Eng,
+    p: Result<Path<String>, PathRejection>,
+) -> ApiResult<StatusCode> {
+    e.delete_snapshot(&path(p)?)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/processes", params(("id" = String, Path)),
     responses((status = 200, body = api::ProcessList)))]
-pub async fn processes(State(e): Eng, p: Result<Path<String>, PathRejection>) -> ApiResult<Json<api::ProcessList>> {
-    Ok(Json(api::ProcessList { processes: e.processes(&path(p)?).await? }))
+pub async fn processes(
+    State(e): Eng,
+    p: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<api::ProcessList>> {
+    Ok(Json(api::ProcessList {
+        processes: e.processes(&path(p)?).await?,
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/processes/{pid}", params(("id" = String, Path), ("pid" = u32, Path)),
     responses((status = 200, body = api::Process), (status = 404, body = api::ErrorBody)))]
-pub async fn process(State(e): Eng, p: Result<Path<(String, u32)>, PathRejection>) -> ApiResult<Json<api::Process>> {
+pub async fn process(
+    State(e): Eng,
+    p: Result<Path<(String, u32)>, PathRejection>,
+) -> ApiResult<Json<api::Process>> {
     let (id, pid) = path(p)?;
     Ok(Json(e.process(&id, pid).await?))
 }
@@ -199,7 +277,9 @@ pub async fn wait_process(
 ) -> ApiResult<Json<api::WaitResult>> {
     let (id, pid) = path(p)?;
     let t = wait_duration(query(q)?)?;
-    Ok(Json(api::WaitResult { exit_code: e.wait(&id, Some(pid), t).await? }))
+    Ok(Json(api::WaitResult {
+        exit_code: e.wait(&id, Some(pid), t).await?,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -209,7 +289,13 @@ pub struct OffsetQuery {
     offset: u64,
 }
 
-async fn stream_output(e: &Engine, id: &str, pid: u32, stream: StreamName, offset: u64) -> ApiResult<Response> {
+async fn stream_output(
+    e: &Engine,
+    id: &str,
+    pid: u32,
+    stream: StreamName,
+    offset: u64,
+) -> ApiResult<Response> {
     let reader = e.read(id, pid, stream, offset).await?;
     let body = futures::stream::unfold(Some(reader), |reader| async move {
         let mut reader = reader?;
@@ -224,7 +310,10 @@ async fn stream_output(e: &Engine, id: &str, pid: u32, stream: StreamName, offse
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (header::HeaderName::from_static(api::OFFSET_HEADER), offset.to_string()),
+            (
+                header::HeaderName::from_static(api::OFFSET_HEADER),
+                offset.to_string(),
+            ),
         ],
         Body::from_stream(body),
     )
@@ -274,7 +363,10 @@ pub async fn stdin(
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/processes/{pid}/stdin/close",
     params(("id" = String, Path), ("pid" = u32, Path)), responses((status = 204)))]
-pub async fn stdin_close(State(e): Eng, p: Result<Path<(String, u32)>, PathRejection>) -> ApiResult<StatusCode> {
+pub async fn stdin_close(
+    State(e): Eng,
+    p: Result<Path<(String, u32)>, PathRejection>,
+) -> ApiResult<StatusCode> {
     let (id, pid) = path(p)?;
     e.stdin_close(&id, pid).await?;
     Ok(StatusCode::NO_CONTENT)

@@ -25,13 +25,20 @@ fn bin() -> PathBuf {
 }
 
 fn agent() -> PathBuf {
-    std::env::var_os("GWORKER_AGENT").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/x86_64-unknown-linux-gnu/debug/gworker-agent")
-    })
+    std::env::var_os("GWORKER_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../target/x86_64-unknown-linux-gnu/debug/gworker-agent")
+        })
 }
 
 fn runsc_available() -> bool {
-    Command::new("runsc").arg("--version").stdout(Stdio::null()).status().is_ok()
+    Command::new("runsc")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok()
 }
 
 impl Daemon {
@@ -44,13 +51,21 @@ impl Daemon {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let sock = dir.join("gw.sock");
-        let mut d = Daemon { child: None, dir, sock };
+        let mut d = Daemon {
+            child: None,
+            dir,
+            sock,
+        };
         d.spawn();
         Some(d)
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .unwrap();
         let child = Command::new(bin())
             .arg("serve")
             .arg("--data-dir")
@@ -73,7 +88,10 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("daemon did not start: {}", std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default());
+        panic!(
+            "daemon did not start: {}",
+            std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+        );
     }
 
     fn kill9(&mut self) {
@@ -90,7 +108,9 @@ impl Daemon {
         // A server refusing an oversized body may answer and close before
         // reading all of it: the answer is what counts.
         if let Err(e) = s.write_all(body) {
-            if e.kind() != std::io::ErrorKind::BrokenPipe && e.kind() != std::io::ErrorKind::ConnectionReset {
+            if e.kind() != std::io::ErrorKind::BrokenPipe
+                && e.kind() != std::io::ErrorKind::ConnectionReset
+            {
                 return Err(e);
             }
         }
@@ -109,12 +129,20 @@ impl Daemon {
 
     fn json(&self, method: &str, path: &str, body: &str) -> serde_json::Value {
         let r = self.req(method, path, body);
-        assert!(r.status < 300, "{method} {path}: {} {}", r.status, String::from_utf8_lossy(&r.body));
+        assert!(
+            r.status < 300,
+            "{method} {path}: {} {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
         serde_json::from_slice(&r.body).unwrap()
     }
 
     fn create(&self, body: &str) -> String {
-        self.json("POST", "/v1/sandboxes", body)["sandbox_id"].as_str().unwrap().to_string()
+        self.json("POST", "/v1/sandboxes", body)["sandbox_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 }
 
@@ -125,7 +153,11 @@ impl Drop for Daemon {
             if let Ok(r) = self.try_req("GET", "/v1/sandboxes", b"") {
                 if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&r.body) {
                     for s in v["sandboxes"].as_array().cloned().unwrap_or_default() {
-                        let _ = self.try_req("DELETE", &format!("/v1/sandboxes/{}", s["sandbox_id"].as_str().unwrap_or("")), b"");
+                        let _ = self.try_req(
+                            "DELETE",
+                            &format!("/v1/sandboxes/{}", s["sandbox_id"].as_str().unwrap_or("")),
+                            b"",
+                        );
                     }
                 }
             }
@@ -142,30 +174,45 @@ struct Resp {
 
 impl Resp {
     fn parse(raw: &[u8]) -> Resp {
-        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("http head");
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("http head");
         let head = String::from_utf8_lossy(&raw[..split]).to_string();
         let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
         let mut body = raw[split + 4..].to_vec();
-        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
             body = dechunk(&body);
         }
         Resp { status, body }
     }
 
     fn code(&self) -> String {
-        let v: serde_json::Value = serde_json::from_slice(&self.body)
-            .unwrap_or_else(|_| panic!("error body is not JSON: {:?}", String::from_utf8_lossy(&self.body)));
-        v["error"]["code"].as_str().unwrap_or_else(|| panic!("no error code in {v}")).to_string()
+        let v: serde_json::Value = serde_json::from_slice(&self.body).unwrap_or_else(|_| {
+            panic!(
+                "error body is not JSON: {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        });
+        v["error"]["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error code in {v}"))
+            .to_string()
     }
 }
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
-        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else { return out };
-        let n = usize::from_str_radix(std::str::from_utf8(&b[..eol]).unwrap().trim(), 16).unwrap();
-        if n == 0 {
+        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
             return out;
+        };
+        let n = usize::from_str_radix(std::str::from_utf8(&b[..eol]).unwrap().trim(), 16).unwrap();
+        if n == 0 || b.len() < eol + 4 + n {
+            return out; // the end, or a chunk not fully received yet
         }
         out.extend_from_slice(&b[eol + 2..eol + 2 + n]);
         b = &b[eol + 4 + n..];
@@ -174,64 +221,282 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
 
 #[test]
 fn bad_input_gets_4xx_with_stable_codes() {
-    let Some(d) = Daemon::start("bad") else { return };
+    let Some(d) = Daemon::start("bad") else {
+        return;
+    };
     let id = d.create(r#"{"image":"busybox","timeout":60}"#);
     let cases: Vec<(&str, String, Vec<u8>, u16, &str)> = vec![
-        ("POST", "/v1/sandboxes".into(), b"{not json".to_vec(), 400, "invalid_request"),
-        ("POST", "/v1/sandboxes".into(), br#"{"cmd":"echo hi"}"#.to_vec(), 400, "invalid_request"),
-        ("POST", "/v1/sandboxes".into(), br#"{"timeout":"soon"}"#.to_vec(), 400, "invalid_request"),
-        ("POST", "/v1/sandboxes".into(), br#"{"bogus":1}"#.to_vec(), 400, "invalid_request"),
-        ("POST", "/v1/sandboxes".into(), br#"{"image":"busybox","env":{"1BAD":"x"}}"#.to_vec(), 400, "invalid_request"),
-        ("POST", "/v1/sandboxes".into(), br#"{"image":"busybox","env":{"A-B":"x"}}"#.to_vec(), 400, "invalid_request"),
-        ("POST", "/v1/sandboxes".into(), br#"{"image":"busybox","workdir":"rel/dir"}"#.to_vec(), 400, "invalid_request"),
-        ("POST", "/v1/sandboxes".into(), br#"{"image":"busybox","timeout":-1}"#.to_vec(), 400, "invalid_request"),
-        ("POST", "/v1/sandboxes".into(), br#"{"image":"busybox","cmd":[""]}"#.to_vec(), 400, "invalid_request"),
-        ("POST", "/v1/sandboxes".into(), br#"{"image":"nope"}"#.to_vec(), 404, "not_found"),
-        ("POST", "/v1/sandboxes".into(), br#"{"image":"busybox","secrets":[{"values":{"A":"b"}}]}"#.to_vec(), 400, "not_supported"),
-        ("POST", "/v1/sandboxes".into(), br#"{"image":"busybox","volumes":{"/data":{"name":"v"}}}"#.to_vec(), 400, "not_supported"),
-        ("POST", "/v1/sandboxes".into(), br#"{"image":"busybox","snapshot":{"snapshot_id":"x"}}"#.to_vec(), 400, "not_supported"),
-        ("POST", "/v1/sandboxes".into(), vec![b' '; 17 * 1024 * 1024], 413, "payload_too_large"),
-        ("GET", "/v1/sandboxes/sb-00000000000000000000000000000000".into(), vec![], 404, "not_found"),
-        ("GET", "/v1/sandboxes/../../etc/passwd".into(), vec![], 404, "not_found"),
-        ("DELETE", "/v1/sandboxes/nonsense".into(), vec![], 404, "not_found"),
-        ("POST", format!("/v1/sandboxes/{id}/exec"), br#"{"cmd":[]}"#.to_vec(), 400, "invalid_request"),
-        ("POST", format!("/v1/sandboxes/{id}/exec"), br#"{"cmd":["ls"],"workdir":"tmp"}"#.to_vec(), 400, "invalid_request"),
-        ("POST", format!("/v1/sandboxes/{id}/exec"), br#"{"cmd":["ls"],"workdir":"/no/such/dir"}"#.to_vec(), 404, "workdir_not_found"),
-        ("POST", format!("/v1/sandboxes/{id}/exec"), br#"{"cmd":["no-such-program"]}"#.to_vec(), 404, "command_not_found"),
-        ("POST", format!("/v1/sandboxes/{id}/exec"), br#"{"cmd":["ls"],"env":{"X=Y":"1"}}"#.to_vec(), 400, "invalid_request"),
-        ("GET", format!("/v1/sandboxes/{id}/processes/notanumber"), vec![], 404, "not_found"),
-        ("GET", format!("/v1/sandboxes/{id}/processes/999"), vec![], 404, "not_found"),
-        ("GET", format!("/v1/sandboxes/{id}/processes/999/stdout"), vec![], 404, "not_found"),
-        ("GET", format!("/v1/sandboxes/{id}/wait?timeout=abc"), vec![], 400, "invalid_request"),
-        ("GET", format!("/v1/sandboxes/{id}/wait?timeout=0.2"), vec![], 408, "wait_timeout"),
-        ("POST", format!("/v1/sandboxes/{id}/processes/0/signal"), br#"{"signal":0}"#.to_vec(), 400, "invalid_request"),
-        ("POST", format!("/v1/sandboxes/{id}/snapshot"), vec![], 400, "not_supported"),
+        (
+            "POST",
+            "/v1/sandboxes".into(),
+            b"{not json".to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes".into(),
+            br#"{"cmd":"echo hi"}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes".into(),
+            br#"{"timeout":"soon"}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes".into(),
+            br#"{"bogus":1}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes".into(),
+            br#"{"image":"busybox","env":{"1BAD":"x"}}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes".into(),
+            br#"{"image":"busybox","env":{"A-B":"x"}}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes".into(),
+            br#"{"image":"busybox","workdir":"rel/dir"}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes".into(),
+            br#"{"image":"busybox","timeout":-1}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes".into(),
+            br#"{"image":"busybox","cmd":[""]}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes".into(),
+            br#"{"image":"nope"}"#.to_vec(),
+            404,
+            "not_found",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes".into(),
+            br#"{"image":"busybox","secrets":[{"values":{"A":"b"}}]}"#.to_vec(),
+            400,
+            "not_supported",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes".into(),
+            br#"{"image":"busybox","volumes":{"/data":{"name":"v"}}}"#.to_vec(),
+            400,
+            "not_supported",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes".into(),
+            br#"{"image":"busybox","snapshot":{"snapshot_id":"x"}}"#.to_vec(),
+            404,
+            "not_found",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes".into(),
+            br#"{"snapshot":"sn-1"}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes".into(),
+            vec![b' '; 17 * 1024 * 1024],
+            413,
+            "payload_too_large",
+        ),
+        (
+            "GET",
+            "/v1/sandboxes/sb-00000000000000000000000000000000".into(),
+            vec![],
+            404,
+            "not_found",
+        ),
+        (
+            "GET",
+            "/v1/sandboxes/../../etc/passwd".into(),
+            vec![],
+            404,
+            "not_found",
+        ),
+        (
+            "DELETE",
+            "/v1/sandboxes/nonsense".into(),
+            vec![],
+            404,
+            "not_found",
+        ),
+        (
+            "POST",
+            format!("/v1/sandboxes/{id}/exec"),
+            br#"{"cmd":[]}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            format!("/v1/sandboxes/{id}/exec"),
+            br#"{"cmd":["ls"],"workdir":"tmp"}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            format!("/v1/sandboxes/{id}/exec"),
+            br#"{"cmd":["ls"],"workdir":"/no/such/dir"}"#.to_vec(),
+            404,
+            "workdir_not_found",
+        ),
+        (
+            "POST",
+            format!("/v1/sandboxes/{id}/exec"),
+            br#"{"cmd":["no-such-program"]}"#.to_vec(),
+            404,
+            "command_not_found",
+        ),
+        (
+            "POST",
+            format!("/v1/sandboxes/{id}/exec"),
+            br#"{"cmd":["ls"],"env":{"X=Y":"1"}}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "GET",
+            format!("/v1/sandboxes/{id}/processes/notanumber"),
+            vec![],
+            404,
+            "not_found",
+        ),
+        (
+            "GET",
+            format!("/v1/sandboxes/{id}/processes/999"),
+            vec![],
+            404,
+            "not_found",
+        ),
+        (
+            "GET",
+            format!("/v1/sandboxes/{id}/processes/999/stdout"),
+            vec![],
+            404,
+            "not_found",
+        ),
+        (
+            "GET",
+            format!("/v1/sandboxes/{id}/wait?timeout=abc"),
+            vec![],
+            400,
+            "invalid_request",
+        ),
+        (
+            "GET",
+            format!("/v1/sandboxes/{id}/wait?timeout=0.2"),
+            vec![],
+            408,
+            "wait_timeout",
+        ),
+        (
+            "POST",
+            format!("/v1/sandboxes/{id}/processes/0/signal"),
+            br#"{"signal":0}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "GET",
+            "/v1/snapshots/sn-nope".into(),
+            vec![],
+            404,
+            "not_found",
+        ),
+        (
+            "DELETE",
+            "/v1/snapshots/../x".into(),
+            vec![],
+            404,
+            "not_found",
+        ),
         ("GET", "/v1/nope".into(), vec![], 404, "not_found"),
     ];
     for (method, path, body, status, code) in cases {
         let r = d.try_req(method, &path, &body).unwrap();
-        assert_eq!((r.status, r.code().as_str()), (status, code), "{method} {path} {:?}", String::from_utf8_lossy(&body[..body.len().min(80)]));
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (status, code),
+            "{method} {path} {:?}",
+            String::from_utf8_lossy(&body[..body.len().min(80)])
+        );
     }
     // The daemon is still healthy and the sandbox still works.
-    let p = d.json("POST", &format!("/v1/sandboxes/{id}/exec"), r#"{"cmd":["echo","still here"]}"#);
-    let out = d.req("GET", &format!("/v1/sandboxes/{id}/processes/{}/stdout", p["process_id"]), "");
+    let p = d.json(
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        r#"{"cmd":["echo","still here"]}"#,
+    );
+    let out = d.req(
+        "GET",
+        &format!("/v1/sandboxes/{id}/processes/{}/stdout", p["process_id"]),
+        "",
+    );
     assert_eq!(out.body, b"still here\n");
 }
 
 #[test]
 fn terminate_leaves_nothing_behind_and_is_idempotent() {
-    let Some(d) = Daemon::start("term") else { return };
+    let Some(d) = Daemon::start("term") else {
+        return;
+    };
     let id = d.create(r#"{"image":"busybox","cmd":["sleep","1000"],"timeout":60}"#);
-    d.json("POST", &format!("/v1/sandboxes/{id}/exec"), r#"{"cmd":["sleep","1000"]}"#);
+    d.json(
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        r#"{"cmd":["sleep","1000"]}"#,
+    );
     let data = d.dir.join("data");
     assert!(data.join("sandboxes").join(&id).exists());
     let ps = |pat: &str| {
         let out = Command::new("pgrep").arg("-f").arg(pat).output().unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
-    assert!(!ps(&id).is_empty(), "runsc and supervisor run while the sandbox lives");
-    assert_eq!(d.req("DELETE", &format!("/v1/sandboxes/{id}"), "").status, 204);
-    assert_eq!(d.req("DELETE", &format!("/v1/sandboxes/{id}"), "").code(), "not_found");
+    assert!(
+        !ps(&id).is_empty(),
+        "runsc and supervisor run while the sandbox lives"
+    );
+    assert_eq!(
+        d.req("DELETE", &format!("/v1/sandboxes/{id}"), "").status,
+        204
+    );
+    assert_eq!(
+        d.req("DELETE", &format!("/v1/sandboxes/{id}"), "").code(),
+        "not_found"
+    );
     assert_eq!(d.req("GET", &format!("/v1/sandboxes/{id}"), "").status, 404);
     // No process, runsc state, socket, directory or mount of that sandbox remains.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -241,15 +506,26 @@ fn terminate_leaves_nothing_behind_and_is_idempotent() {
     assert_eq!(ps(&id), "", "processes of the sandbox are gone");
     assert!(!data.join("sandboxes").join(&id).exists());
     assert!(!data.join("sock").join(&id).exists());
-    let runsc_state: Vec<_> = std::fs::read_dir(data.join("runsc")).unwrap().flatten().map(|e| e.file_name()).collect();
-    assert!(runsc_state.iter().all(|n| !n.to_string_lossy().contains(&id)), "runsc state left: {runsc_state:?}");
+    let runsc_state: Vec<_> = std::fs::read_dir(data.join("runsc"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        runsc_state
+            .iter()
+            .all(|n| !n.to_string_lossy().contains(&id)),
+        "runsc state left: {runsc_state:?}"
+    );
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
     assert!(!mounts.contains(&id), "a mount of the sandbox is left");
 }
 
 #[test]
 fn twenty_sandboxes_at_once() {
-    let Some(d) = Daemon::start("twenty") else { return };
+    let Some(d) = Daemon::start("twenty") else {
+        return;
+    };
     let ids: Vec<String> = (0..20)
         .map(|i| d.create(&format!(r#"{{"image":"busybox","timeout":120,"cmd":["sh","-c","echo sandbox-{i}; exit {i}"]}}"#)))
         .collect();
@@ -267,7 +543,9 @@ fn twenty_sandboxes_at_once() {
 
 #[test]
 fn daemon_sigkill_loses_no_sandbox_exec_or_output() {
-    let Some(mut d) = Daemon::start("kill") else { return };
+    let Some(mut d) = Daemon::start("kill") else {
+        return;
+    };
     let id = d.create(r#"{"image":"busybox","timeout":120}"#);
     // An exec that prints 40 numbered lines over ~2 s, then exits 5.
     let p = d.json(
@@ -279,39 +557,82 @@ fn daemon_sigkill_loses_no_sandbox_exec_or_output() {
     std::thread::sleep(Duration::from_millis(600));
     // Read what is there so far through a stream that we cut off ourselves.
     let mut s = UnixStream::connect(&d.sock).unwrap();
-    write!(s, "GET /v1/sandboxes/{id}/processes/{pid}/stdout HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut got = vec![0u8; 4096];
-    let n = s.read(&mut got).unwrap();
-    let raw = &got[..n];
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let first = dechunk(&raw[split + 4..]);
-    assert!(!first.is_empty());
+    write!(
+        s,
+        "GET /v1/sandboxes/{id}/processes/{pid}/stdout HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    .unwrap();
+    // Read until at least one whole line of body arrived (the head and the
+    // first chunk may come in separate reads).
+    let mut raw = Vec::new();
+    let first = loop {
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended early");
+        raw.extend_from_slice(&buf[..n]);
+        if let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let body = &raw[split + 4..];
+            let first = dechunk(body);
+            if first.ends_with(b"\n") {
+                break first;
+            }
+        }
+    };
     d.kill9();
     drop(s);
     std::thread::sleep(Duration::from_millis(300));
     d.spawn();
-    let rest = d.req("GET", &format!("/v1/sandboxes/{id}/processes/{pid}/stdout?offset={}", first.len()), "");
+    let rest = d.req(
+        "GET",
+        &format!(
+            "/v1/sandboxes/{id}/processes/{pid}/stdout?offset={}",
+            first.len()
+        ),
+        "",
+    );
     assert_eq!(rest.status, 200);
     let mut all = first.clone();
     all.extend_from_slice(&rest.body);
     let expected: String = (1..=40).map(|i| format!("line-{i}\n")).collect();
-    assert_eq!(String::from_utf8_lossy(&all), expected, "no byte lost or repeated across the restart");
-    let w = d.json("GET", &format!("/v1/sandboxes/{id}/processes/{pid}/wait?timeout=30"), "");
+    assert_eq!(
+        String::from_utf8_lossy(&all),
+        expected,
+        "no byte lost or repeated across the restart"
+    );
+    let w = d.json(
+        "GET",
+        &format!("/v1/sandboxes/{id}/processes/{pid}/wait?timeout=30"),
+        "",
+    );
     assert_eq!(w["exit_code"], 5);
     // The sandbox itself is still running and usable.
     let s = d.json("GET", &format!("/v1/sandboxes/{id}"), "");
     assert_eq!(s["state"], "running");
-    let p = d.json("POST", &format!("/v1/sandboxes/{id}/exec"), r#"{"cmd":["echo","after restart"]}"#);
-    let out = d.req("GET", &format!("/v1/sandboxes/{id}/processes/{}/stdout", p["process_id"]), "");
+    let p = d.json(
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        r#"{"cmd":["echo","after restart"]}"#,
+    );
+    let out = d.req(
+        "GET",
+        &format!("/v1/sandboxes/{id}/processes/{}/stdout", p["process_id"]),
+        "",
+    );
     assert_eq!(out.body, b"after restart\n");
 }
 
 #[test]
 fn timeout_is_enforced_and_survives_a_daemon_restart() {
-    let Some(mut d) = Daemon::start("timeout") else { return };
+    let Some(mut d) = Daemon::start("timeout") else {
+        return;
+    };
     let id = d.create(r#"{"image":"busybox","timeout":3,"cmd":["sleep","100"]}"#);
     let idle = d.create(r#"{"image":"busybox","timeout":3}"#);
-    d.json("POST", &format!("/v1/sandboxes/{idle}/exec"), r#"{"cmd":["true"]}"#);
+    d.json(
+        "POST",
+        &format!("/v1/sandboxes/{idle}/exec"),
+        r#"{"cmd":["true"]}"#,
+    );
     d.kill9();
     std::thread::sleep(Duration::from_secs(4));
     d.spawn();
@@ -319,8 +640,15 @@ fn timeout_is_enforced_and_survives_a_daemon_restart() {
         let w = d.json("GET", &format!("/v1/sandboxes/{sid}/wait?timeout=10"), "");
         assert_eq!(w["exit_code"], 137);
         let s = d.json("GET", &format!("/v1/sandboxes/{sid}"), "");
-        assert_eq!((s["state"].as_str(), s["reason"].as_str()), (Some("exited"), Some("timeout")));
-        let r = d.req("POST", &format!("/v1/sandboxes/{sid}/exec"), r#"{"cmd":["true"]}"#);
+        assert_eq!(
+            (s["state"].as_str(), s["reason"].as_str()),
+            (Some("exited"), Some("timeout"))
+        );
+        let r = d.req(
+            "POST",
+            &format!("/v1/sandboxes/{sid}/exec"),
+            r#"{"cmd":["true"]}"#,
+        );
         assert_eq!((r.status, r.code().as_str()), (409, "sandbox_not_running"));
     }
 }
@@ -346,9 +674,18 @@ fn tcp_listener_requires_the_token() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("GWORKER_TOKEN"));
     // With a token, requests without it are refused and with it pass.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut child = Command::new(bin())
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--socket"])
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--socket",
+        ])
         .arg(dir.join("b.sock"))
         .arg("--data-dir")
         .arg(dir.join("data"))
@@ -360,7 +697,11 @@ fn tcp_listener_requires_the_token() {
         .unwrap();
     let get = |auth: &str| -> Option<u16> {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-        write!(s, "GET /v1/sandboxes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\r\n").ok()?;
+        write!(
+            s,
+            "GET /v1/sandboxes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\r\n"
+        )
+        .ok()?;
         let mut raw = Vec::new();
         s.read_to_end(&mut raw).ok()?;
         Some(Resp::parse(&raw).status)

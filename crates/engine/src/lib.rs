@@ -12,6 +12,7 @@
 //!   are found again through their socket in the data directory.
 
 pub mod registry;
+pub mod snapshots;
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::process::CommandExt;
@@ -22,7 +23,8 @@ use std::time::Duration;
 use gworker_api::{self as api, ErrorCode};
 use gworker_images::ImageStore;
 use gworker_supervisor::client::{ClientError, OutputReader};
-use gworker_supervisor::{LaunchConfig, Phase, ProcSpec, StreamName, SupClient};
+use gworker_supervisor::{LaunchConfig, Phase, ProcSpec, RestoreConfig, StreamName, SupClient};
+use snapshots::{Requirements, SnapshotMeta};
 use tokio::sync::watch;
 
 pub use registry::{ProcessRow, Registry, SandboxRow};
@@ -109,7 +111,12 @@ struct Live {
 
 impl Live {
     fn new(sup: SupClient, ready: watch::Receiver<Ready>) -> Arc<Live> {
-        Arc::new(Live { sup, ready, recorded: Mutex::new(HashMap::new()), image_env: Mutex::new(None) })
+        Arc::new(Live {
+            sup,
+            ready,
+            recorded: Mutex::new(HashMap::new()),
+            image_env: Mutex::new(None),
+        })
     }
 }
 
@@ -118,6 +125,8 @@ pub struct Engine {
     reg: Registry,
     images: ImageStore,
     live: Mutex<HashMap<String, Arc<Live>>>,
+    verified: snapshots::Verified,
+    runsc_version: String,
 }
 
 pub fn now() -> f64 {
@@ -126,7 +135,10 @@ pub fn now() -> f64 {
 
 /// Environment every process starts from, before the image's and the user's.
 const BASE_ENV: &[(&str, &str)] = &[
-    ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+    (
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ),
     ("HOME", "/root"),
 ];
 
@@ -144,7 +156,9 @@ fn check_env(env: &BTreeMap<String, String>) -> Result<()> {
             )));
         }
         if v.contains('\0') {
-            return Err(EngineError::Invalid(format!("environment variable {k} contains a NUL byte")));
+            return Err(EngineError::Invalid(format!(
+                "environment variable {k} contains a NUL byte"
+            )));
         }
     }
     Ok(())
@@ -152,7 +166,9 @@ fn check_env(env: &BTreeMap<String, String>) -> Result<()> {
 
 fn check_workdir(w: &str) -> Result<()> {
     if !w.starts_with('/') {
-        return Err(EngineError::Invalid(format!("workdir must be an absolute path, got {w:?}")));
+        return Err(EngineError::Invalid(format!(
+            "workdir must be an absolute path, got {w:?}"
+        )));
     }
     if w.contains('\0') {
         return Err(EngineError::Invalid("workdir contains a NUL byte".into()));
@@ -162,10 +178,14 @@ fn check_workdir(w: &str) -> Result<()> {
 
 fn check_argv(argv: &[String]) -> Result<()> {
     if argv.first().map(|a| a.is_empty()).unwrap_or(true) {
-        return Err(EngineError::Invalid("cmd must be a non-empty list whose first item names a program".into()));
+        return Err(EngineError::Invalid(
+            "cmd must be a non-empty list whose first item names a program".into(),
+        ));
     }
     if argv.iter().any(|a| a.contains('\0')) {
-        return Err(EngineError::Invalid("cmd arguments must not contain NUL bytes".into()));
+        return Err(EngineError::Invalid(
+            "cmd arguments must not contain NUL bytes".into(),
+        ));
     }
     Ok(())
 }
@@ -188,7 +208,11 @@ fn new_id() -> String {
 
 /// IDs come from users: only well-formed ones touch paths.
 fn check_id(id: &str) -> Result<()> {
-    let ok = id.len() == 35 && id.starts_with("sb-") && id[3..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+    let ok = id.len() == 35
+        && id.starts_with("sb-")
+        && id[3..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
     if ok {
         Ok(())
     } else {
@@ -197,20 +221,36 @@ fn check_id(id: &str) -> Result<()> {
 }
 
 fn not_found(id: &str) -> EngineError {
-    EngineError::NotFound(format!("no sandbox {id:?}: it does not exist or was terminated"))
+    EngineError::NotFound(format!(
+        "no sandbox {id:?}: it does not exist or was terminated"
+    ))
 }
 
 impl Engine {
     /// Opens the data directory, the registry, and finds the supervisors of
     /// sandboxes that were running before a restart.
     pub fn open(cfg: EngineConfig) -> Result<Arc<Engine>> {
-        for d in ["images", "runsc", "sandboxes", "sock"] {
-            std::fs::create_dir_all(cfg.data_dir.join(d))
-                .map_err(|e| EngineError::Internal(format!("cannot create {}: {e}", cfg.data_dir.join(d).display())))?;
+        for d in ["images", "runsc", "sandboxes", "sock", "snapshots"] {
+            std::fs::create_dir_all(cfg.data_dir.join(d)).map_err(|e| {
+                EngineError::Internal(format!(
+                    "cannot create {}: {e}",
+                    cfg.data_dir.join(d).display()
+                ))
+            })?;
         }
         let reg = Registry::open(&cfg.data_dir.join("gworker.db"))?;
         let images = ImageStore::new(cfg.data_dir.join("images"));
-        let engine = Arc::new(Engine { cfg, reg, images, live: Mutex::new(HashMap::new()) });
+        let runsc_version = gworker_runtime::Runsc::new(&cfg.runsc_bin, cfg.data_dir.join("runsc"))
+            .version()
+            .unwrap_or_default();
+        let engine = Arc::new(Engine {
+            cfg,
+            reg,
+            images,
+            live: Mutex::new(HashMap::new()),
+            verified: snapshots::Verified::default(),
+            runsc_version,
+        });
         engine.recover()?;
         Ok(engine)
     }
@@ -233,10 +273,19 @@ impl Engine {
             let alive = std::os::unix::net::UnixStream::connect(&sock).is_ok();
             if alive {
                 let (_tx, rx) = watch::channel(Ready::Up);
-                self.live.lock().unwrap().insert(row.id.clone(), Live::new(SupClient::new(sock), rx));
+                self.live
+                    .lock()
+                    .unwrap()
+                    .insert(row.id.clone(), Live::new(SupClient::new(sock), rx));
             } else if row.state != "exited" {
                 tracing::warn!(sandbox = %row.id, "supervisor gone while the daemon was down");
-                self.reg.set_exited(&row.id, None, "lost", Some("the sandbox's supervisor ended while the daemon was down"), now())?;
+                self.reg.set_exited(
+                    &row.id,
+                    None,
+                    "lost",
+                    Some("the sandbox's supervisor ended while the daemon was down"),
+                    now(),
+                )?;
             }
         }
         Ok(())
@@ -256,32 +305,75 @@ impl Engine {
         let row = self.row(id)?;
         let live = self.live(id).ok_or_else(|| EngineError::Coded {
             code: ErrorCode::SandboxNotRunning,
-            message: format!("sandbox {id} is not running ({})", row.reason.as_deref().unwrap_or("exited")),
+            message: format!(
+                "sandbox {id} is not running ({})",
+                row.reason.as_deref().unwrap_or("exited")
+            ),
         })?;
         let mut rx = live.ready.clone();
-        let r = rx.wait_for(|r| *r != Ready::Pending).await.map(|r| r.clone());
+        let r = rx
+            .wait_for(|r| *r != Ready::Pending)
+            .await
+            .map(|r| r.clone());
         match r {
             Ok(Ready::Up) => Ok(live),
-            Ok(Ready::Failed(m)) => Err(EngineError::Coded { code: ErrorCode::SandboxStartingFailed, message: m }),
+            Ok(Ready::Failed(m)) => Err(EngineError::Coded {
+                code: ErrorCode::SandboxStartingFailed,
+                message: m,
+            }),
             _ => Err(EngineError::Internal("sandbox start was abandoned".into())),
         }
     }
 
     pub async fn create(self: &Arc<Self>, req: api::CreateSandbox) -> Result<api::Sandbox> {
         if req.secrets.as_ref().is_some_and(|s| !s.is_empty()) {
-            return Err(EngineError::NotSupported("secrets are not supported yet".into()));
+            return Err(EngineError::NotSupported(
+                "secrets are not supported yet".into(),
+            ));
         }
         if req.volumes.as_ref().is_some_and(|v| !v.is_empty()) {
-            return Err(EngineError::NotSupported("volumes are not supported yet".into()));
+            return Err(EngineError::NotSupported(
+                "volumes are not supported yet".into(),
+            ));
         }
-        if req.snapshot.as_ref().is_some_and(|s| !s.is_null()) {
-            return Err(EngineError::NotSupported("restoring from a snapshot is not supported yet".into()));
+        let snap = match &req.snapshot {
+            Some(r) => Some(self.snapshot_meta(&r.snapshot_id)?),
+            None => None,
+        };
+        if let Some(snap) = &snap {
+            if req.cmd.as_ref().is_some_and(|c| !c.is_empty()) {
+                return Err(EngineError::Invalid(
+                    "cmd cannot be given with snapshot: the snapshot's processes go on running; use exec".into(),
+                ));
+            }
+            if req
+                .image
+                .as_ref()
+                .is_some_and(|i| *i != snap.requires.image)
+            {
+                return Err(EngineError::Coded {
+                    code: ErrorCode::SnapshotIncompatible,
+                    message: format!(
+                        "the snapshot was taken with image {:?}, not {:?}",
+                        snap.requires.image,
+                        req.image.as_deref().unwrap_or("")
+                    ),
+                });
+            }
         }
-        let cmd = req.cmd.unwrap_or_default();
+        let cmd = match &snap {
+            Some(s) => s.cmd.clone(),
+            None => req.cmd.unwrap_or_default(),
+        };
         if !cmd.is_empty() {
             check_argv(&cmd)?;
         }
-        let image = req.image.unwrap_or_else(|| gworker_images::DEFAULT_IMAGE.to_string());
+        let image = match &snap {
+            Some(s) => s.requires.image.clone(),
+            None => req
+                .image
+                .unwrap_or_else(|| gworker_images::DEFAULT_IMAGE.to_string()),
+        };
         if !ImageStore::is_known(&image) {
             return Err(EngineError::NotFound(format!(
                 "unknown image {image:?}; known images: {}",
@@ -300,13 +392,23 @@ impl Engine {
         if let Some(w) = &req.workdir {
             check_workdir(w)?;
         }
+        // A restored sandbox's new execs see the source's env and workdir,
+        // overridden by what this request gives.
+        let (env, workdir) = match &snap {
+            Some(s) => {
+                let mut m: BTreeMap<String, String> = s.env.iter().cloned().collect();
+                m.extend(env);
+                (m, req.workdir.or(s.workdir.clone()))
+            }
+            None => (env, req.workdir),
+        };
         let created_at = now();
         let row = SandboxRow {
             id: new_id(),
             image,
             cmd,
             env: env.into_iter().collect(),
-            workdir: req.workdir,
+            workdir,
             created_at,
             timeout,
             deadline: created_at + timeout,
@@ -318,15 +420,15 @@ impl Engine {
         };
         self.reg.insert_sandbox(&row)?;
         let (tx, rx) = watch::channel(Ready::Pending);
-        self.live
-            .lock()
-            .unwrap()
-            .insert(row.id.clone(), Live::new(SupClient::new(self.sock_path(&row.id)), rx));
+        self.live.lock().unwrap().insert(
+            row.id.clone(),
+            Live::new(SupClient::new(self.sock_path(&row.id)), rx),
+        );
         let engine = self.clone();
         let r2 = row.clone();
         tokio::spawn(async move {
             let id = r2.id.clone();
-            let res = engine.start(r2).await;
+            let res = engine.start(r2, snap).await;
             match res {
                 Ok(()) => {
                     let _ = tx.send(Ready::Up);
@@ -334,7 +436,9 @@ impl Engine {
                 Err(e) => {
                     let msg = e.to_string();
                     tracing::warn!(sandbox = %id, error = %msg, "sandbox failed to start");
-                    let _ = engine.reg.set_exited(&id, None, "failed", Some(&msg), now());
+                    let _ = engine
+                        .reg
+                        .set_exited(&id, None, "failed", Some(&msg), now());
                     let _ = tx.send(Ready::Failed(msg));
                 }
             }
@@ -343,7 +447,7 @@ impl Engine {
     }
 
     /// Builds the image if needed and starts the sandbox's supervisor.
-    async fn start(&self, row: SandboxRow) -> Result<()> {
+    async fn start(&self, row: SandboxRow, snap: Option<SnapshotMeta>) -> Result<()> {
         let images = self.images.clone();
         let name = row.image.clone();
         let info = tokio::task::spawn_blocking(move || {
@@ -351,8 +455,15 @@ impl Engine {
         })
         .await
         .map_err(|e| EngineError::Internal(e.to_string()))?
-        .map_err(|e| EngineError::Coded { code: ErrorCode::SandboxStartingFailed, message: e.to_string() })?;
-        let entry = (!row.cmd.is_empty()).then(|| ProcSpec {
+        .map_err(|e| EngineError::Coded {
+            code: ErrorCode::SandboxStartingFailed,
+            message: e.to_string(),
+        })?;
+        let restore = match snap {
+            Some(s) => Some(self.restore_config(&s, &info.rootfs).await?),
+            None => None,
+        };
+        let entry = (!row.cmd.is_empty() && restore.is_none()).then(|| ProcSpec {
             argv: row.cmd.clone(),
             env: merge_env(&[&info.env, &row.env]),
             cwd: row.workdir.clone().unwrap_or_else(|| "/".into()),
@@ -366,6 +477,7 @@ impl Engine {
             agent: self.cfg.agent.clone(),
             entry,
             deadline: row.deadline,
+            restore,
         };
         let dir = self.sandbox_dir(&row.id);
         let sock = self.sock_path(&row.id);
@@ -397,6 +509,9 @@ impl Engine {
             workdir: row.workdir.clone(),
             entry_process_id: (!row.cmd.is_empty()).then_some(0),
         };
+        if s.state == api::SandboxState::Running && status.is_none() && row.state == "starting" {
+            s.state = api::SandboxState::Starting;
+        }
         if let Some(st) = status {
             s.state = match st.phase {
                 Phase::Starting => api::SandboxState::Starting,
@@ -429,7 +544,10 @@ impl Engine {
     /// Writes what the supervisor reported and the registry lacks.
     fn record(&self, id: &str, st: &gworker_supervisor::Status) {
         let live = self.live(id);
-        let mut seen = live.as_ref().map(|l| l.recorded.lock().unwrap().clone()).unwrap_or_default();
+        let mut seen = live
+            .as_ref()
+            .map(|l| l.recorded.lock().unwrap().clone())
+            .unwrap_or_default();
         for p in &st.procs {
             if seen.get(&p.id) == Some(&p.exit_code) {
                 continue;
@@ -511,7 +629,12 @@ impl Engine {
         let row = self.row(id)?;
         Ok(match pid {
             None => (row.state == "exited").then_some(row.exit_code),
-            Some(p) => self.reg.processes(id)?.into_iter().find(|r| r.process_id == p).and_then(|r| r.exit_code.map(Some)),
+            Some(p) => self
+                .reg
+                .processes(id)?
+                .into_iter()
+                .find(|r| r.process_id == p)
+                .and_then(|r| r.exit_code.map(Some)),
         })
     }
 
@@ -529,8 +652,18 @@ impl Engine {
         let spec = ProcSpec {
             argv: req.cmd.clone(),
             env: merge_env(&[&image_env, &row.env, &exec_env]),
-            cwd: req.workdir.or(row.workdir.clone()).unwrap_or_else(|| "/".into()),
-            mkdir_cwd: false,
+            // The sandbox's own workdir is created if missing (an idle
+            // sandbox has had no entry command to create it); any other
+            // workdir of an exec must exist.
+            mkdir_cwd: row.workdir.is_some()
+                && req
+                    .workdir
+                    .as_ref()
+                    .is_none_or(|w| Some(w) == row.workdir.as_ref()),
+            cwd: req
+                .workdir
+                .or(row.workdir.clone())
+                .unwrap_or_else(|| "/".into()),
         };
         let pid = live.sup.spawn(spec).await.map_err(from_client)?;
         let started_at = now();
@@ -571,7 +704,11 @@ impl Engine {
                 process_id: p.process_id,
                 sandbox_id: p.sandbox_id,
                 cmd: p.cmd,
-                state: if p.exit_code.is_some() { api::ProcessState::Exited } else { api::ProcessState::Running },
+                state: if p.exit_code.is_some() {
+                    api::ProcessState::Exited
+                } else {
+                    api::ProcessState::Running
+                },
                 exit_code: p.exit_code,
                 started_at: p.started_at,
             })
@@ -587,7 +724,13 @@ impl Engine {
     }
 
     /// Opens a process's output from `offset`.
-    pub async fn read(&self, id: &str, pid: u32, stream: StreamName, offset: u64) -> Result<OutputReader> {
+    pub async fn read(
+        &self,
+        id: &str,
+        pid: u32,
+        stream: StreamName,
+        offset: u64,
+    ) -> Result<OutputReader> {
         self.row(id)?;
         let live = self.up(id).await.map_err(|e| match e.code() {
             ErrorCode::SandboxNotRunning => EngineError::Coded {
@@ -596,7 +739,10 @@ impl Engine {
             },
             _ => e,
         })?;
-        live.sup.read(pid, stream, offset).await.map_err(from_client)
+        live.sup
+            .read(pid, stream, offset)
+            .await
+            .map_err(from_client)
     }
 
     pub async fn stdin(&self, id: &str, pid: u32, data: &[u8]) -> Result<()> {
@@ -611,10 +757,154 @@ impl Engine {
 
     pub async fn signal(&self, id: &str, pid: u32, signo: i32) -> Result<()> {
         if !(1..=64).contains(&signo) {
-            return Err(EngineError::Invalid(format!("signal must be between 1 and 64, got {signo}")));
+            return Err(EngineError::Invalid(format!(
+                "signal must be between 1 and 64, got {signo}"
+            )));
         }
         let live = self.up(id).await?;
         live.sup.signal(pid, signo).await.map_err(from_client)
+    }
+
+    fn snapshot_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("snapshots").join(id)
+    }
+
+    fn snapshot_meta(&self, id: &str) -> Result<SnapshotMeta> {
+        let missing = || EngineError::NotFound(format!("no snapshot {id:?}"));
+        let ok = id.len() == 35
+            && id.starts_with("sn-")
+            && id[3..]
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if !ok {
+            return Err(missing());
+        }
+        let meta = self.reg.get_snapshot(id)?.ok_or_else(missing)?;
+        serde_json::from_str(&meta)
+            .map_err(|e| EngineError::Internal(format!("snapshot {id} metadata: {e}")))
+    }
+
+    /// Checks that a snapshot can be restored here and is intact.
+    async fn restore_config(&self, s: &SnapshotMeta, rootfs: &Path) -> Result<RestoreConfig> {
+        let incompatible = |what: &str, then: &str, now: &str| {
+            EngineError::Coded {
+            code: ErrorCode::SnapshotIncompatible,
+            message: format!("the snapshot cannot be restored here: {what} differs (snapshot: {then:?}, here: {now:?})"),
+        }
+        };
+        if s.requires.runsc_version != self.runsc_version {
+            return Err(incompatible(
+                "runsc",
+                &s.requires.runsc_version,
+                &self.runsc_version,
+            ));
+        }
+        if s.requires.rootfs != rootfs {
+            return Err(incompatible(
+                "the image's layers",
+                &s.requires.rootfs.display().to_string(),
+                &rootfs.display().to_string(),
+            ));
+        }
+        let cpu = snapshots::cpu_signature();
+        if s.requires.cpu != cpu {
+            return Err(incompatible("the CPU", &s.requires.cpu, &cpu));
+        }
+        let image_path = self.snapshot_dir(&s.snapshot_id).join("image");
+        let (dir, sha) = (image_path.clone(), s.sha256.clone());
+        let verified = self.verified_check(dir, sha).await?;
+        if !verified {
+            return Err(EngineError::Coded {
+                code: ErrorCode::SnapshotCorrupt,
+                message: format!("snapshot {} is corrupt or truncated: its files do not match their content hash; delete it and take a new one", s.snapshot_id),
+            });
+        }
+        Ok(RestoreConfig {
+            image_path,
+            procs: s.procs.clone(),
+            next_id: s.next_id,
+        })
+    }
+
+    async fn verified_check(&self, dir: PathBuf, sha: String) -> Result<bool> {
+        // Hashing a large checkpoint takes a while: off the async threads.
+        let verified = &self.verified;
+        tokio::task::block_in_place(|| verified.check(&dir, &sha)).map_err(|e| EngineError::Coded {
+            code: ErrorCode::SnapshotCorrupt,
+            message: format!("snapshot files unreadable: {e}"),
+        })
+    }
+
+    /// Takes a memory snapshot of a running sandbox, which goes on running.
+    pub async fn snapshot(&self, id: &str) -> Result<api::Snapshot> {
+        let row = self.row(id)?;
+        let live = self.up(id).await?;
+        let snap_id = format!("sn-{}", &new_id()[3..]);
+        let dir = self.snapshot_dir(&snap_id);
+        let image_path = dir.join("image");
+        let info = match live.sup.checkpoint(&image_path).await {
+            Ok(i) => i,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(from_client(e));
+            }
+        };
+        let rootfs = self
+            .images
+            .ready(&row.image)
+            .ok()
+            .flatten()
+            .map(|i| i.rootfs)
+            .ok_or_else(|| EngineError::Internal(format!("image {} vanished", row.image)))?;
+        let (sha256, size_bytes) = tokio::task::block_in_place(|| snapshots::hash_dir(&image_path))
+            .map_err(|e| EngineError::Internal(format!("cannot hash the snapshot: {e}")))?;
+        let meta = SnapshotMeta {
+            snapshot_id: snap_id.clone(),
+            source_sandbox_id: id.to_string(),
+            created_at: now(),
+            size_bytes,
+            sha256,
+            pause_ms: info.pause_ms,
+            requires: Requirements {
+                runsc_version: self.runsc_version.clone(),
+                image: row.image.clone(),
+                rootfs,
+                cpu: snapshots::cpu_signature(),
+            },
+            procs: info.procs,
+            next_id: info.next_id,
+            env: row.env.clone(),
+            workdir: row.workdir.clone(),
+            cmd: row.cmd.clone(),
+        };
+        let doc = serde_json::to_string_pretty(&meta).expect("meta serializes");
+        std::fs::write(dir.join("meta.json"), &doc)
+            .map_err(|e| EngineError::Internal(e.to_string()))?;
+        self.reg.insert_snapshot(&snap_id, meta.created_at, &doc)?;
+        Ok(meta.to_api())
+    }
+
+    pub fn snapshots(&self) -> Result<Vec<api::Snapshot>> {
+        Ok(self
+            .reg
+            .list_snapshots()?
+            .iter()
+            .filter_map(|m| serde_json::from_str::<SnapshotMeta>(m).ok())
+            .map(|m| m.to_api())
+            .collect())
+    }
+
+    pub fn get_snapshot(&self, id: &str) -> Result<api::Snapshot> {
+        Ok(self.snapshot_meta(id)?.to_api())
+    }
+
+    pub fn delete_snapshot(&self, id: &str) -> Result<()> {
+        self.snapshot_meta(id)?;
+        let dir = self.snapshot_dir(id);
+        self.verified.forget(&dir.join("image"));
+        self.reg.delete_snapshot(id)?;
+        let _ = std::fs::remove_dir_all(dir);
+        Ok(())
     }
 
     /// Stops the sandbox, frees everything it held and forgets it.
@@ -624,7 +914,11 @@ impl Engine {
         if let Some(live) = &live {
             let mut rx = live.ready.clone();
             // A sandbox still starting is let finish starting, then stopped.
-            let _ = tokio::time::timeout(Duration::from_secs(120), rx.wait_for(|r| *r != Ready::Pending)).await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(120),
+                rx.wait_for(|r| *r != Ready::Pending),
+            )
+            .await;
             if let Err(e) = live.sup.shutdown().await {
                 tracing::debug!(sandbox = %id, error = %e, "supervisor already gone");
             }
@@ -639,13 +933,18 @@ impl Engine {
     /// Periodic housekeeping: records exits and removes sandboxes whose
     /// retention period has ended.
     pub async fn housekeep(&self) {
-        let Ok(rows) = self.reg.list_sandboxes() else { return };
+        let Ok(rows) = self.reg.list_sandboxes() else {
+            return;
+        };
         for row in rows {
             if row.state != "exited" {
                 self.refresh(&row).await;
                 continue;
             }
-            if row.exited_at.is_some_and(|t| now() - t > self.cfg.retention.as_secs_f64()) {
+            if row
+                .exited_at
+                .is_some_and(|t| now() - t > self.cfg.retention.as_secs_f64())
+            {
                 tracing::info!(sandbox = %row.id, "retention over, removing");
                 let _ = self.terminate(&row.id).await;
             }
@@ -656,14 +955,25 @@ impl Engine {
 /// Starts `exe supervise DIR` detached (own session), handing it the bound
 /// listening socket as fd 3, so the daemon can connect at once and can die
 /// without taking the supervisor along.
-fn spawn_supervisor(exe: &Path, dir: &Path, sock: &Path, launch: &LaunchConfig) -> std::io::Result<()> {
+fn spawn_supervisor(
+    exe: &Path,
+    dir: &Path,
+    sock: &Path,
+    launch: &LaunchConfig,
+) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     std::fs::create_dir_all(dir)?;
-    std::fs::write(dir.join("launch.json"), serde_json::to_vec_pretty(launch).expect("launch serializes"))?;
+    std::fs::write(
+        dir.join("launch.json"),
+        serde_json::to_vec_pretty(launch).expect("launch serializes"),
+    )?;
     let _ = std::fs::remove_file(sock);
     let listener = std::os::unix::net::UnixListener::bind(sock)?;
     std::fs::set_permissions(sock, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("supervisor.log"))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("supervisor.log"))?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("supervise")
         .arg(dir)
@@ -711,7 +1021,10 @@ mod tests {
 
     #[test]
     fn env_layers_override_in_order() {
-        let image = vec![("PATH".to_string(), "/img".to_string()), ("A".to_string(), "image".to_string())];
+        let image = vec![
+            ("PATH".to_string(), "/img".to_string()),
+            ("A".to_string(), "image".to_string()),
+        ];
         let user = vec![("A".to_string(), "user".to_string())];
         let env = merge_env(&[&image, &user]);
         assert!(env.contains(&"PATH=/img".to_string()));

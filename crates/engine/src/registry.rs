@@ -67,6 +67,11 @@ CREATE TABLE IF NOT EXISTS processes (
     exit_code INTEGER,
     PRIMARY KEY (sandbox_id, process_id)
 );
+CREATE TABLE IF NOT EXISTS snapshots (
+    id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    meta TEXT NOT NULL
+);
 ";
 
 fn json_list(v: &[String]) -> String {
@@ -104,7 +109,9 @@ impl Registry {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Registry { conn: Mutex::new(conn) })
+        Ok(Registry {
+            conn: Mutex::new(conn),
+        })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -126,19 +133,30 @@ impl Registry {
     pub fn get_sandbox(&self, id: &str) -> Result<Option<SandboxRow>, RegistryError> {
         Ok(self
             .conn()
-            .query_row(&format!("SELECT {SANDBOX_COLS} FROM sandboxes WHERE id = ?1"), [id], row_to_sandbox)
+            .query_row(
+                &format!("SELECT {SANDBOX_COLS} FROM sandboxes WHERE id = ?1"),
+                [id],
+                row_to_sandbox,
+            )
             .optional()?)
     }
 
     pub fn list_sandboxes(&self) -> Result<Vec<SandboxRow>, RegistryError> {
         let conn = self.conn();
-        let mut st = conn.prepare(&format!("SELECT {SANDBOX_COLS} FROM sandboxes ORDER BY created_at"))?;
-        let rows = st.query_map([], row_to_sandbox)?.collect::<Result<Vec<_>, _>>()?;
+        let mut st = conn.prepare(&format!(
+            "SELECT {SANDBOX_COLS} FROM sandboxes ORDER BY created_at"
+        ))?;
+        let rows = st
+            .query_map([], row_to_sandbox)?
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
 
     pub fn set_state(&self, id: &str, state: &str) -> Result<(), RegistryError> {
-        self.conn().execute("UPDATE sandboxes SET state = ?2 WHERE id = ?1 AND state != 'exited'", params![id, state])?;
+        self.conn().execute(
+            "UPDATE sandboxes SET state = ?2 WHERE id = ?1 AND state != 'exited'",
+            params![id, state],
+        )?;
         Ok(())
     }
 
@@ -160,7 +178,10 @@ impl Registry {
     }
 
     pub fn delete_sandbox(&self, id: &str) -> Result<bool, RegistryError> {
-        Ok(self.conn().execute("DELETE FROM sandboxes WHERE id = ?1", [id])? > 0)
+        Ok(self
+            .conn()
+            .execute("DELETE FROM sandboxes WHERE id = ?1", [id])?
+            > 0)
     }
 
     pub fn upsert_process(&self, p: &ProcessRow) -> Result<(), RegistryError> {
@@ -172,12 +193,56 @@ impl Registry {
         Ok(())
     }
 
-    pub fn set_process_exit(&self, sandbox_id: &str, process_id: u32, exit_code: Option<i32>) -> Result<(), RegistryError> {
+    pub fn set_process_exit(
+        &self,
+        sandbox_id: &str,
+        process_id: u32,
+        exit_code: Option<i32>,
+    ) -> Result<(), RegistryError> {
         self.conn().execute(
             "UPDATE processes SET exit_code = COALESCE(exit_code, ?3) WHERE sandbox_id = ?1 AND process_id = ?2",
             params![sandbox_id, process_id, exit_code],
         )?;
         Ok(())
+    }
+
+    /// Snapshots are stored as their metadata document (JSON).
+    pub fn insert_snapshot(
+        &self,
+        id: &str,
+        created_at: f64,
+        meta: &str,
+    ) -> Result<(), RegistryError> {
+        self.conn().execute(
+            "INSERT INTO snapshots (id, created_at, meta) VALUES (?1, ?2, ?3)",
+            params![id, created_at, meta],
+        )?;
+        Ok(())
+    }
+
+    pub fn get_snapshot(&self, id: &str) -> Result<Option<String>, RegistryError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT meta FROM snapshots WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    pub fn list_snapshots(&self) -> Result<Vec<String>, RegistryError> {
+        let conn = self.conn();
+        let mut st = conn.prepare("SELECT meta FROM snapshots ORDER BY created_at")?;
+        let rows = st
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok(rows)
+    }
+
+    pub fn delete_snapshot(&self, id: &str) -> Result<bool, RegistryError> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM snapshots WHERE id = ?1", [id])?
+            > 0)
     }
 
     pub fn processes(&self, sandbox_id: &str) -> Result<Vec<ProcessRow>, RegistryError> {
@@ -232,15 +297,33 @@ mod tests {
             let r = Registry::open(&path).unwrap();
             r.insert_sandbox(&row("sb-a")).unwrap();
             r.set_state("sb-a", "running").unwrap();
-            r.upsert_process(&ProcessRow { sandbox_id: "sb-a".into(), process_id: 1, cmd: vec!["x".into()], started_at: 2.0, exit_code: None }).unwrap();
-            r.upsert_process(&ProcessRow { sandbox_id: "sb-a".into(), process_id: 1, cmd: vec!["x".into()], started_at: 2.0, exit_code: Some(3) }).unwrap();
+            r.upsert_process(&ProcessRow {
+                sandbox_id: "sb-a".into(),
+                process_id: 1,
+                cmd: vec!["x".into()],
+                started_at: 2.0,
+                exit_code: None,
+            })
+            .unwrap();
+            r.upsert_process(&ProcessRow {
+                sandbox_id: "sb-a".into(),
+                process_id: 1,
+                cmd: vec!["x".into()],
+                started_at: 2.0,
+                exit_code: Some(3),
+            })
+            .unwrap();
             r.set_exited("sb-a", Some(0), "exited", None, 5.0).unwrap();
             // A second end does not overwrite the first.
-            r.set_exited("sb-a", Some(137), "timeout", None, 6.0).unwrap();
+            r.set_exited("sb-a", Some(137), "timeout", None, 6.0)
+                .unwrap();
         }
         let r = Registry::open(&path).unwrap();
         let s = r.get_sandbox("sb-a").unwrap().unwrap();
-        assert_eq!((s.state.as_str(), s.exit_code, s.reason.as_deref()), ("exited", Some(0), Some("exited")));
+        assert_eq!(
+            (s.state.as_str(), s.exit_code, s.reason.as_deref()),
+            ("exited", Some(0), Some("exited"))
+        );
         assert_eq!(s.env, vec![("A".to_string(), "1".to_string())]);
         assert_eq!(r.processes("sb-a").unwrap()[0].exit_code, Some(3));
         assert!(r.delete_sandbox("sb-a").unwrap());

@@ -97,15 +97,29 @@ pub struct Spawn {
 pub enum HostMsg {
     Spawn(Spawn),
     /// Bytes for the process's stdin.
-    Stdin { pid: u32, data: Vec<u8> },
+    Stdin {
+        pid: u32,
+        data: Vec<u8>,
+    },
     /// End of input: the agent closes the process's stdin.
-    StdinClose { pid: u32 },
+    StdinClose {
+        pid: u32,
+    },
     /// Deliver `signo` to the process's process group.
-    Signal { pid: u32, signo: i32 },
+    Signal {
+        pid: u32,
+        signo: i32,
+    },
     /// The host stored `bytes` more of this stream: the agent may send that much more.
-    Credit { pid: u32, stream: Stream, bytes: u32 },
+    Credit {
+        pid: u32,
+        stream: Stream,
+        bytes: u32,
+    },
     /// Liveness check; the agent answers `Pong` with the same `seq`.
-    Ping { seq: u32 },
+    Ping {
+        seq: u32,
+    },
     /// Before a checkpoint: the host sends nothing after this until `Resume`;
     /// the agent writes every frame queued so far, then `Quiesced`, then holds
     /// further frames (processes keep running) until `Resume`. Both pipes are
@@ -118,19 +132,43 @@ pub enum HostMsg {
 /// Messages from the agent to the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentMsg {
-    Hello { version: u16, agent: String },
-    Spawned { pid: u32, os_pid: u32 },
-    SpawnFailed { pid: u32, kind: SpawnErrorKind, message: String },
-    Output { pid: u32, stream: Stream, data: Vec<u8> },
+    Hello {
+        version: u16,
+        agent: String,
+    },
+    Spawned {
+        pid: u32,
+        os_pid: u32,
+    },
+    SpawnFailed {
+        pid: u32,
+        kind: SpawnErrorKind,
+        message: String,
+    },
+    Output {
+        pid: u32,
+        stream: Stream,
+        data: Vec<u8>,
+    },
     /// The process closed this stream (or it was never open).
-    Eof { pid: u32, stream: Stream },
+    Eof {
+        pid: u32,
+        stream: Stream,
+    },
     /// The process ended: its exit status, or 128+N when killed by signal N.
     /// Sent after the `Spawned` for that pid; may come before its streams' `Eof`
     /// when a child of the process still holds them open.
-    Exited { pid: u32, code: i32 },
-    Pong { seq: u32 },
+    Exited {
+        pid: u32,
+        code: i32,
+    },
+    Pong {
+        seq: u32,
+    },
     /// A diagnostic line from the agent itself.
-    Log { message: String },
+    Log {
+        message: String,
+    },
     /// Answer to `Quiesce`: the last frame before the agent holds its output.
     Quiesced,
 }
@@ -312,9 +350,15 @@ impl HostMsg {
                 env: d.list()?,
                 cwd: d.bytes()?,
             }),
-            H_STDIN => HostMsg::Stdin { pid: d.u32()?, data: d.rest() },
+            H_STDIN => HostMsg::Stdin {
+                pid: d.u32()?,
+                data: d.rest(),
+            },
             H_STDIN_CLOSE => HostMsg::StdinClose { pid: d.u32()? },
-            H_SIGNAL => HostMsg::Signal { pid: d.u32()?, signo: d.i32()? },
+            H_SIGNAL => HostMsg::Signal {
+                pid: d.u32()?,
+                signo: d.i32()?,
+            },
             H_CREDIT => HostMsg::Credit {
                 pid: d.u32()?,
                 stream: Stream::from_u8(d.u8()?)?,
@@ -384,8 +428,14 @@ impl AgentMsg {
     pub fn decode(frame: &[u8]) -> Result<AgentMsg, DecodeError> {
         let mut d = Dec(frame);
         let msg = match d.u8()? {
-            A_HELLO => AgentMsg::Hello { version: d.u16()?, agent: d.string()? },
-            A_SPAWNED => AgentMsg::Spawned { pid: d.u32()?, os_pid: d.u32()? },
+            A_HELLO => AgentMsg::Hello {
+                version: d.u16()?,
+                agent: d.string()?,
+            },
+            A_SPAWNED => AgentMsg::Spawned {
+                pid: d.u32()?,
+                os_pid: d.u32()?,
+            },
             A_SPAWN_FAILED => AgentMsg::SpawnFailed {
                 pid: d.u32()?,
                 kind: SpawnErrorKind::from_u8(d.u8()?),
@@ -396,10 +446,18 @@ impl AgentMsg {
                 stream: Stream::from_u8(d.u8()?)?,
                 data: d.rest(),
             },
-            A_EOF => AgentMsg::Eof { pid: d.u32()?, stream: Stream::from_u8(d.u8()?)? },
-            A_EXITED => AgentMsg::Exited { pid: d.u32()?, code: d.i32()? },
+            A_EOF => AgentMsg::Eof {
+                pid: d.u32()?,
+                stream: Stream::from_u8(d.u8()?)?,
+            },
+            A_EXITED => AgentMsg::Exited {
+                pid: d.u32()?,
+                code: d.i32()?,
+            },
             A_PONG => AgentMsg::Pong { seq: d.u32()? },
-            A_LOG => AgentMsg::Log { message: d.string()? },
+            A_LOG => AgentMsg::Log {
+                message: d.string()?,
+            },
             A_QUIESCED => AgentMsg::Quiesced,
             t => return Err(DecodeError::UnknownType(t)),
         };
@@ -479,11 +537,21 @@ mod tests {
             env: vec![b"A=1".to_vec(), b"EMPTY=".to_vec()],
             cwd: b"/work".to_vec(),
         }));
-        host_roundtrip(HostMsg::Stdin { pid: 1, data: vec![0, 1, 2, 255] });
-        host_roundtrip(HostMsg::Stdin { pid: 1, data: vec![] });
+        host_roundtrip(HostMsg::Stdin {
+            pid: 1,
+            data: vec![0, 1, 2, 255],
+        });
+        host_roundtrip(HostMsg::Stdin {
+            pid: 1,
+            data: vec![],
+        });
         host_roundtrip(HostMsg::StdinClose { pid: 3 });
         host_roundtrip(HostMsg::Signal { pid: 3, signo: 9 });
-        host_roundtrip(HostMsg::Credit { pid: 3, stream: Stream::Stderr, bytes: 65536 });
+        host_roundtrip(HostMsg::Credit {
+            pid: 3,
+            stream: Stream::Stderr,
+            bytes: 65536,
+        });
         host_roundtrip(HostMsg::Ping { seq: u32::MAX });
         host_roundtrip(HostMsg::Quiesce);
         host_roundtrip(HostMsg::Resume);
@@ -491,25 +559,40 @@ mod tests {
 
     #[test]
     fn every_agent_message_round_trips() {
-        agent_roundtrip(AgentMsg::Hello { version: PROTOCOL_VERSION, agent: "0.1.0".into() });
+        agent_roundtrip(AgentMsg::Hello {
+            version: PROTOCOL_VERSION,
+            agent: "0.1.0".into(),
+        });
         agent_roundtrip(AgentMsg::Spawned { pid: 1, os_pid: 42 });
         agent_roundtrip(AgentMsg::SpawnFailed {
             pid: 1,
             kind: SpawnErrorKind::NoWorkdir,
             message: "no such directory: /nope".into(),
         });
-        agent_roundtrip(AgentMsg::Output { pid: 1, stream: Stream::Stdout, data: b"hi\n".to_vec() });
-        agent_roundtrip(AgentMsg::Eof { pid: 1, stream: Stream::Stdout });
+        agent_roundtrip(AgentMsg::Output {
+            pid: 1,
+            stream: Stream::Stdout,
+            data: b"hi\n".to_vec(),
+        });
+        agent_roundtrip(AgentMsg::Eof {
+            pid: 1,
+            stream: Stream::Stdout,
+        });
         agent_roundtrip(AgentMsg::Exited { pid: 1, code: 137 });
         agent_roundtrip(AgentMsg::Pong { seq: 5 });
-        agent_roundtrip(AgentMsg::Log { message: "x".into() });
+        agent_roundtrip(AgentMsg::Log {
+            message: "x".into(),
+        });
         agent_roundtrip(AgentMsg::Quiesced);
     }
 
     #[test]
     fn hostile_frames_are_refused_without_panic() {
         assert_eq!(HostMsg::decode(&[]), Err(DecodeError::Truncated));
-        assert_eq!(HostMsg::decode(&[0x7f]), Err(DecodeError::UnknownType(0x7f)));
+        assert_eq!(
+            HostMsg::decode(&[0x7f]),
+            Err(DecodeError::UnknownType(0x7f))
+        );
         // A list claiming a billion items in a tiny frame.
         let mut f = vec![H_SPAWN, 1, 0, 0, 0, 0];
         f.extend_from_slice(&1_000_000_000u32.to_le_bytes());

@@ -20,9 +20,17 @@ pub enum RuntimeError {
     #[error("runsc {op} failed: {message}")]
     Runsc { op: &'static str, message: String },
     #[error("cannot write bundle {path}: {source}")]
-    Bundle { path: PathBuf, source: std::io::Error },
-    #[error("cannot start runsc ({bin}): {source}; is gVisor installed? try `apt-get install runsc`")]
-    Spawn { bin: PathBuf, source: std::io::Error },
+    Bundle {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot start runsc ({bin}): {source}; is gVisor installed? try `apt-get install runsc`"
+    )]
+    Spawn {
+        bin: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// How to invoke runsc. The same flags must be used for run, checkpoint and
@@ -37,7 +45,10 @@ pub struct Runsc {
 
 impl Runsc {
     pub fn new(bin: impl Into<PathBuf>, root: impl Into<PathBuf>) -> Runsc {
-        Runsc { bin: bin.into(), root: root.into() }
+        Runsc {
+            bin: bin.into(),
+            root: root.into(),
+        }
     }
 
     /// Flags every invocation gets. `--overlay2=root:memory` keeps every write
@@ -47,7 +58,20 @@ impl Runsc {
     fn global_args(&self) -> Vec<OsString> {
         let mut root = OsString::from("--root=");
         root.push(&self.root);
-        vec![root, "--network=none".into(), "--overlay2=root:memory".into()]
+        let mut args = vec![
+            root,
+            "--network=none".into(),
+            "--overlay2=root:memory".into(),
+        ];
+        // For diagnosing runsc itself: GWORKER_RUNSC_DEBUG=DIR writes its debug logs there.
+        if let Some(dir) = std::env::var_os("GWORKER_RUNSC_DEBUG") {
+            let mut log = OsString::from("--debug-log=");
+            log.push(dir);
+            log.push("/");
+            args.push("--debug".into());
+            args.push(log);
+        }
+        args
     }
 
     fn command(&self) -> Command {
@@ -64,6 +88,53 @@ impl Runsc {
         cmd
     }
 
+    /// `runsc restore` of a checkpoint into a new (or the same, after
+    /// `delete`) container; like `run`, it stays in the foreground and the
+    /// container's stdio are the fresh pipes the caller sets.
+    pub fn restore_command(&self, bundle: &Path, image_path: &Path, id: &str) -> Command {
+        let mut cmd = self.command();
+        cmd.arg("restore")
+            .arg("--image-path")
+            .arg(image_path)
+            .arg("--bundle")
+            .arg(bundle)
+            .arg(id);
+        cmd
+    }
+
+    /// Writes a memory checkpoint of the container to `image_path`; the
+    /// container stops. (This runsc's `--leave-running` does not work.)
+    pub fn checkpoint(&self, id: &str, image_path: &Path) -> Result<(), RuntimeError> {
+        let image = image_path.to_string_lossy().into_owned();
+        self.simple_timeout(
+            "checkpoint",
+            &["checkpoint", "--image-path", &image, id],
+            Duration::from_secs(120),
+        )
+    }
+
+    /// Removes runsc's state of a stopped container.
+    pub fn delete(&self, id: &str) -> Result<(), RuntimeError> {
+        self.simple("delete", &["delete", id])
+    }
+
+    /// runsc's version line, recorded with snapshots (a restore needs the same runsc).
+    pub fn version(&self) -> Result<String, RuntimeError> {
+        let out = Command::new(&self.bin)
+            .arg("--version")
+            .output()
+            .map_err(|source| RuntimeError::Spawn {
+                bin: self.bin.clone(),
+                source,
+            })?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string())
+    }
+
     /// Sends a signal to the container's init (the agent), which takes every
     /// process of the sandbox with it when it is SIGKILL.
     pub fn kill(&self, id: &str, signal: &str) -> Result<(), RuntimeError> {
@@ -76,11 +147,28 @@ impl Runsc {
     }
 
     fn simple(&self, op: &'static str, args: &[&str]) -> Result<(), RuntimeError> {
+        self.simple_timeout(op, args, Duration::from_secs(10))
+    }
+
+    fn simple_timeout(
+        &self,
+        op: &'static str,
+        args: &[&str],
+        limit: Duration,
+    ) -> Result<(), RuntimeError> {
         let mut cmd = self.command();
-        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        let child = cmd.spawn().map_err(|source| RuntimeError::Spawn { bin: self.bin.clone(), source })?;
-        let out = wait_output(child, Duration::from_secs(10))
-            .map_err(|e| RuntimeError::Runsc { op, message: e.to_string() })?;
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().map_err(|source| RuntimeError::Spawn {
+            bin: self.bin.clone(),
+            source,
+        })?;
+        let out = wait_output(child, limit).map_err(|e| RuntimeError::Runsc {
+            op,
+            message: e.to_string(),
+        })?;
         if out.status.success() {
             Ok(())
         } else {
@@ -91,7 +179,10 @@ impl Runsc {
 }
 
 /// Waits for a child with a deadline: runsc must never be waited for forever.
-fn wait_output(mut child: std::process::Child, limit: Duration) -> std::io::Result<std::process::Output> {
+fn wait_output(
+    mut child: std::process::Child,
+    limit: Duration,
+) -> std::io::Result<std::process::Output> {
     let start = std::time::Instant::now();
     loop {
         if child.try_wait()?.is_some() {
@@ -100,7 +191,10 @@ fn wait_output(mut child: std::process::Child, limit: Duration) -> std::io::Resu
         if start.elapsed() > limit {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "runsc timed out"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "runsc timed out",
+            ));
         }
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -172,7 +266,10 @@ pub fn oci_config(spec: &BundleSpec) -> Value {
 
 /// Writes `config.json` into `dir` (created if needed).
 pub fn write_bundle(dir: &Path, spec: &BundleSpec) -> Result<(), RuntimeError> {
-    let err = |source| RuntimeError::Bundle { path: dir.to_path_buf(), source };
+    let err = |source| RuntimeError::Bundle {
+        path: dir.to_path_buf(),
+        source,
+    };
     std::fs::create_dir_all(dir).map_err(err)?;
     let body = serde_json::to_vec_pretty(&oci_config(spec)).expect("json value serializes");
     std::fs::write(dir.join("config.json"), body).map_err(err)
@@ -208,17 +305,27 @@ mod tests {
         assert_eq!(v["process"]["args"][0], AGENT_PATH);
         assert_eq!(v["process"]["terminal"], false);
         assert_eq!(v["root"]["readonly"], false);
-        let agent = v["mounts"].as_array().unwrap().iter().find(|m| m["destination"] == AGENT_PATH).unwrap();
+        let agent = v["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == AGENT_PATH)
+            .unwrap();
         assert_eq!(agent["options"], json!(["rbind", "ro"]));
         let caps = v["process"]["capabilities"]["bounding"].as_array().unwrap();
-        assert!(!caps.iter().any(|c| c == "CAP_NET_RAW" || c == "CAP_SYS_ADMIN"));
+        assert!(!caps
+            .iter()
+            .any(|c| c == "CAP_NET_RAW" || c == "CAP_SYS_ADMIN"));
     }
 
     #[test]
     fn run_command_has_isolation_flags() {
         let r = Runsc::new("/usr/bin/runsc", "/data/runsc");
         let cmd = r.run_command(Path::new("/b"), "sb-1");
-        let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let args: Vec<_> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
         assert!(args.contains(&"--network=none".to_string()));
         assert!(args.contains(&"--overlay2=root:memory".to_string()));
         assert_eq!(&args[args.len() - 4..], ["run", "--bundle", "/b", "sb-1"]);

@@ -30,7 +30,10 @@ const READ_CHUNK: usize = 256 * 1024;
 pub const LISTENER_FD: i32 = 3;
 
 pub fn now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 struct OutBuf {
@@ -46,7 +49,13 @@ struct OutBuf {
 
 impl OutBuf {
     fn new() -> OutBuf {
-        OutBuf { buf: VecDeque::new(), start: 0, eof: false, read_hi: 0, outstanding: INITIAL_WINDOW as u64 }
+        OutBuf {
+            buf: VecDeque::new(),
+            start: 0,
+            eof: false,
+            read_hi: 0,
+            outstanding: INITIAL_WINDOW as u64,
+        }
     }
     fn end(&self) -> u64 {
         self.start + self.buf.len() as u64
@@ -104,6 +113,17 @@ struct State {
     stopping: bool,
     /// Set once `runsc run` has ended (or never started).
     runsc_exited: bool,
+    /// Bumped each time the container is replaced (checkpoint + restore in
+    /// place); readers and waiters of an older generation stand down.
+    gen: u64,
+    /// Told when the agent answers `Quiesce`.
+    quiesced: Option<oneshot::Sender<()>>,
+    pongs: HashMap<u32, oneshot::Sender<()>>,
+    seq: u32,
+    /// A checkpoint is in progress: one at a time.
+    checkpointing: bool,
+    /// The current `runsc run`/`restore` process.
+    runsc_pid: Option<i32>,
 }
 
 impl State {
@@ -117,7 +137,12 @@ impl State {
             procs: self
                 .procs
                 .iter()
-                .map(|(id, p)| ProcStatus { id: *id, argv: p.argv.clone(), started_at: p.started_at, exit_code: p.exit_code })
+                .map(|(id, p)| ProcStatus {
+                    id: *id,
+                    argv: p.argv.clone(),
+                    started_at: p.started_at,
+                    exit_code: p.exit_code,
+                })
                 .collect(),
         }
     }
@@ -146,15 +171,33 @@ impl State {
             }
         }
         for (_, tx) in self.pending.drain() {
-            let _ = tx.send(Err(SupError::new("sandbox_not_running", "the sandbox stopped")));
+            let _ = tx.send(Err(SupError::new(
+                "sandbox_not_running",
+                "the sandbox stopped",
+            )));
         }
+        // Nobody will answer pings any more.
+        self.pongs.clear();
     }
+}
+
+/// What the writer task is told: frames, and the moves of a checkpoint.
+enum ToAgent {
+    Msg(HostMsg),
+    /// Send `Quiesce`, then hold every further frame.
+    Quiesce,
+    /// Switch to new pipes (when `Some`), send `Resume` if asked, then send
+    /// what was held.
+    Attach {
+        stdin: Option<tokio::process::ChildStdin>,
+        resume: bool,
+    },
 }
 
 struct Shared {
     st: Mutex<State>,
     changed: Notify,
-    to_agent: mpsc::UnboundedSender<HostMsg>,
+    to_agent: mpsc::UnboundedSender<ToAgent>,
     cfg: LaunchConfig,
     runsc: gworker_runtime::Runsc,
     shutdown: Notify,
@@ -166,7 +209,7 @@ impl Shared {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
     fn send(&self, m: HostMsg) {
-        let _ = self.to_agent.send(m);
+        let _ = self.to_agent.send(ToAgent::Msg(m));
     }
 }
 
@@ -188,7 +231,9 @@ fn run(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     // nothing else in this process owns it.
     let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(LISTENER_FD) };
     std_listener.set_nonblocking(true)?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(serve(dir.to_path_buf(), cfg, std_listener))
 }
 
@@ -208,10 +253,15 @@ async fn serve(
         },
     )?;
     let runsc = gworker_runtime::Runsc::new(&cfg.runsc_bin, &cfg.runsc_root);
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("runsc.log"))?;
-    let mut cmd = tokio::process::Command::from(runsc.run_command(&bundle, &cfg.sandbox_id));
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::from(log));
     let (to_agent, rx) = mpsc::unbounded_channel();
+    let mut procs = BTreeMap::new();
+    let mut next_id = 1;
+    if let Some(r) = &cfg.restore {
+        for p in &r.procs {
+            procs.insert(p.id, restored_proc(p));
+        }
+        next_id = r.next_id;
+    }
     let shared = Arc::new(Shared {
         st: Mutex::new(State {
             phase: Phase::Starting,
@@ -219,11 +269,17 @@ async fn serve(
             reason: None,
             message: None,
             exited_at: None,
-            procs: BTreeMap::new(),
-            next_id: 1,
+            procs,
+            next_id,
             pending: HashMap::new(),
             stopping: false,
             runsc_exited: false,
+            gen: 0,
+            quiesced: None,
+            pongs: HashMap::new(),
+            seq: 0,
+            checkpointing: false,
+            runsc_pid: None,
         }),
         changed: Notify::new(),
         to_agent,
@@ -232,14 +288,16 @@ async fn serve(
         shutdown: Notify::new(),
         dir: dir.clone(),
     });
-    match cmd.spawn() {
-        Ok(mut child) => {
-            let stdin = child.stdin.take().expect("piped");
-            let stdout = child.stdout.take().expect("piped");
-            tokio::spawn(agent_writer(stdin, rx));
-            tokio::spawn(agent_reader(shared.clone(), stdout));
-            tokio::spawn(runsc_waiter(shared.clone(), child));
+    tokio::spawn(agent_writer(rx));
+    let cmd = match &cfg.restore {
+        Some(r) => runsc.restore_command(&bundle, &r.image_path, &cfg.sandbox_id),
+        None => runsc.run_command(&bundle, &cfg.sandbox_id),
+    };
+    match launch(&shared, cmd, 0, cfg.restore.is_some()) {
+        Ok(()) if cfg.restore.is_some() => {
+            tokio::spawn(finish_restore(shared.clone()));
         }
+        Ok(()) => {}
         Err(e) => {
             let mut st = shared.lock();
             st.exit(None, "failed", Some(format!("cannot start runsc: {e}")));
@@ -272,24 +330,135 @@ async fn serve(
     Ok(())
 }
 
-async fn agent_writer(mut stdin: tokio::process::ChildStdin, mut rx: mpsc::UnboundedReceiver<HostMsg>) {
+async fn agent_writer(mut rx: mpsc::UnboundedReceiver<ToAgent>) {
+    let mut stdin: Option<tokio::process::ChildStdin> = None;
+    let mut held: VecDeque<HostMsg> = VecDeque::new();
+    let mut holding = false;
     let mut buf = Vec::with_capacity(64 * 1024);
-    while let Some(m) = rx.recv().await {
+    while let Some(item) = rx.recv().await {
         buf.clear();
-        m.encode(&mut buf);
-        while let Ok(m) = rx.try_recv() {
-            m.encode(&mut buf);
-            if buf.len() > 1 << 20 {
-                break;
+        let mut next = Some(item);
+        // Gather a batch of frames to write at once.
+        while let Some(item) = next.take() {
+            match item {
+                ToAgent::Msg(m) if holding || stdin.is_none() => held.push_back(m),
+                ToAgent::Msg(m) => m.encode(&mut buf),
+                ToAgent::Quiesce => {
+                    HostMsg::Quiesce.encode(&mut buf);
+                    holding = true;
+                }
+                ToAgent::Attach { stdin: new, resume } => {
+                    if let Some(new) = new {
+                        // Frames for the old pipes are flushed before the switch.
+                        if let Some(old) = stdin.as_mut() {
+                            let _ = old.write_all(&buf).await;
+                        }
+                        buf.clear();
+                        stdin = Some(new);
+                    }
+                    if resume {
+                        HostMsg::Resume.encode(&mut buf);
+                    }
+                    holding = false;
+                    for m in held.drain(..) {
+                        m.encode(&mut buf);
+                    }
+                }
+            }
+            if buf.len() < 1 << 20 {
+                next = rx.try_recv().ok();
             }
         }
-        if stdin.write_all(&buf).await.is_err() {
-            break;
+        if let Some(w) = stdin.as_mut() {
+            if !buf.is_empty() && w.write_all(&buf).await.is_err() {
+                // The container is gone; keep draining so senders never block.
+                stdin = None;
+            }
         }
     }
 }
 
-async fn agent_reader(shared: Arc<Shared>, stdout: tokio::process::ChildStdout) {
+/// Starts `cmd` (runsc run or restore) on fresh pipes as generation `gen`.
+fn launch(
+    shared: &Arc<Shared>,
+    cmd: std::process::Command,
+    gen: u64,
+    resume: bool,
+) -> std::io::Result<()> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(shared.dir.join("runsc.log"))?;
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log));
+    let mut child = cmd.spawn()?;
+    shared.lock().runsc_pid = child.id().map(|p| p as i32);
+    let stdin = child.stdin.take().expect("piped");
+    let stdout = child.stdout.take().expect("piped");
+    let _ = shared.to_agent.send(ToAgent::Attach {
+        stdin: Some(stdin),
+        resume,
+    });
+    tokio::spawn(agent_reader(shared.clone(), stdout, gen));
+    tokio::spawn(runsc_waiter(shared.clone(), child, gen));
+    Ok(())
+}
+
+/// Sends a ping and waits for its pong: the agent is alive and reading.
+async fn ping(shared: &Arc<Shared>, limit: Duration) -> bool {
+    let (tx, rx) = oneshot::channel();
+    let seq = {
+        let mut st = shared.lock();
+        st.seq = st.seq.wrapping_add(1);
+        let seq = st.seq;
+        st.pongs.insert(seq, tx);
+        seq
+    };
+    shared.send(HostMsg::Ping { seq });
+    matches!(tokio::time::timeout(limit, rx).await, Ok(Ok(())))
+}
+
+/// A restored sandbox is running once its agent answers on the new pipes.
+async fn finish_restore(shared: Arc<Shared>) {
+    let ok = ping(&shared, Duration::from_secs(30)).await;
+    {
+        let mut st = shared.lock();
+        if st.phase != Phase::Starting {
+            return;
+        }
+        if ok {
+            st.phase = Phase::Running;
+        } else {
+            st.exit(
+                None,
+                "failed",
+                Some("the restored sandbox did not answer".into()),
+            );
+        }
+    }
+    shared.changed.notify_waiters();
+    if !ok {
+        stop_container(shared);
+    }
+}
+
+fn restored_proc(p: &CheckpointProc) -> Proc {
+    let mut out = [OutBuf::new(), OutBuf::new()];
+    for i in 0..2 {
+        out[i].outstanding = p.outstanding[i];
+        out[i].eof = p.eof[i];
+    }
+    Proc {
+        argv: p.argv.clone(),
+        started_at: p.started_at,
+        exit_code: p.exit_code,
+        out,
+    }
+}
+
+async fn agent_reader(shared: Arc<Shared>, stdout: tokio::process::ChildStdout, gen: u64) {
     let mut r = BufReader::with_capacity(512 * 1024, stdout);
     let mut frame = Vec::new();
     loop {
@@ -309,7 +478,19 @@ async fn agent_reader(shared: Arc<Shared>, stdout: tokio::process::ChildStdout) 
             break;
         }
         match AgentMsg::decode(&frame) {
-            Ok(m) => on_agent_msg(&shared, m),
+            Ok(AgentMsg::Quiesced) => {
+                // Nothing follows on these pipes; the next generation reads on.
+                if let Some(tx) = shared.lock().quiesced.take() {
+                    let _ = tx.send(());
+                }
+                return;
+            }
+            Ok(m) => {
+                if shared.lock().gen != gen {
+                    return;
+                }
+                on_agent_msg(&shared, m)
+            }
             Err(e) => {
                 eprintln!("supervisor: undecodable frame from agent: {e}");
                 break;
@@ -323,7 +504,13 @@ fn on_agent_msg(shared: &Arc<Shared>, m: AgentMsg) {
     match m {
         AgentMsg::Hello { version, agent } => {
             if version != PROTOCOL_VERSION {
-                st.exit(None, "failed", Some(format!("agent {agent} speaks protocol {version}, expected {PROTOCOL_VERSION}")));
+                st.exit(
+                    None,
+                    "failed",
+                    Some(format!(
+                        "agent {agent} speaks protocol {version}, expected {PROTOCOL_VERSION}"
+                    )),
+                );
                 drop(st);
                 stop_container(shared.clone());
                 return;
@@ -381,7 +568,12 @@ fn on_agent_msg(shared: &Arc<Shared>, m: AgentMsg) {
                 return;
             }
         }
-        AgentMsg::Pong { .. } => {}
+        AgentMsg::Pong { seq } => {
+            if let Some(tx) = st.pongs.remove(&seq) {
+                let _ = tx.send(());
+            }
+        }
+        AgentMsg::Quiesced => {}
         AgentMsg::Log { message } => eprintln!("agent: {message}"),
     }
     drop(st);
@@ -389,13 +581,22 @@ fn on_agent_msg(shared: &Arc<Shared>, m: AgentMsg) {
 }
 
 fn new_proc(spec: &ProcSpec) -> Proc {
-    Proc { argv: spec.argv.clone(), started_at: now(), exit_code: None, out: [OutBuf::new(), OutBuf::new()] }
+    Proc {
+        argv: spec.argv.clone(),
+        started_at: now(),
+        exit_code: None,
+        out: [OutBuf::new(), OutBuf::new()],
+    }
 }
 
 fn spawn_msg(pid: u32, spec: &ProcSpec) -> HostMsg {
     HostMsg::Spawn(gworker_proto::Spawn {
         pid,
-        flags: if spec.mkdir_cwd { gworker_proto::SPAWN_MKDIR_CWD } else { 0 },
+        flags: if spec.mkdir_cwd {
+            gworker_proto::SPAWN_MKDIR_CWD
+        } else {
+            0
+        },
         argv: spec.argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
         env: spec.env.iter().map(|a| a.as_bytes().to_vec()).collect(),
         cwd: spec.cwd.as_bytes().to_vec(),
@@ -408,10 +609,16 @@ async fn entry_spawn_result(shared: Arc<Shared>, rx: oneshot::Receiver<Result<()
     let Ok(Err(e)) = rx.await else { return };
     {
         let mut st = shared.lock();
-        let code = if e.code == "command_not_found" { 127 } else { 126 };
+        let code = if e.code == "command_not_found" {
+            127
+        } else {
+            126
+        };
         if let Some(p) = st.procs.get_mut(&0) {
             p.exit_code = Some(code);
-            p.out[1].buf.extend(format!("gworker: {}\n", e.message).into_bytes());
+            p.out[1]
+                .buf
+                .extend(format!("gworker: {}\n", e.message).into_bytes());
             for o in &mut p.out {
                 o.eof = true;
             }
@@ -432,7 +639,11 @@ async fn stop_after_entry(shared: Arc<Shared>) {
         notified.as_mut().enable();
         {
             let st = shared.lock();
-            let drained = st.procs.get(&0).map(|p| p.out.iter().all(|o| o.eof)).unwrap_or(true);
+            let drained = st
+                .procs
+                .get(&0)
+                .map(|p| p.out.iter().all(|o| o.eof))
+                .unwrap_or(true);
             if drained {
                 break;
             }
@@ -453,18 +664,31 @@ fn stop_container(shared: Arc<Shared>) {
         }
         st.stopping = true;
     }
-    tokio::task::spawn_blocking(move || {
-        if let Err(e) = shared.runsc.kill(&shared.cfg.sandbox_id, "KILL") {
-            // Already gone is fine; anything else is worth a log line.
-            eprintln!("supervisor: {e}");
-        }
-    });
+    // The sandbox runs attached to `runsc run` (it dies with it), so killing
+    // that process stops everything at once, also while runsc is still
+    // booting and whatever state runsc's --root holds. `runsc_waiter` then
+    // removes runsc's state.
+    let pid = shared.lock().runsc_pid;
+    if let Some(pid) = pid {
+        // SAFETY: plain kill(2) of our own child, which is not reaped before
+        // runsc_waiter clears `runsc_pid`.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
 }
 
-async fn runsc_waiter(shared: Arc<Shared>, mut child: tokio::process::Child) {
+async fn runsc_waiter(shared: Arc<Shared>, mut child: tokio::process::Child, gen: u64) {
+    let pid = child.id().map(|p| p as i32);
     let status = child.wait().await;
+    eprintln!("supervisor: runsc (generation {gen}) ended: {status:?}");
     {
         let mut st = shared.lock();
+        if st.runsc_pid == pid {
+            st.runsc_pid = None;
+        }
+        if st.gen != gen {
+            // Replaced by a restore after a checkpoint: not the sandbox's end.
+            return;
+        }
         if st.phase != Phase::Exited {
             let tail = log_tail(&shared.dir.join("runsc.log"));
             let msg = match (&status, st.phase) {
@@ -526,16 +750,29 @@ async fn handle_conn(shared: Arc<Shared>, conn: UnixStream) {
         }
     };
     let result = match req {
-        Request::Status => Ok(serde_json::to_value(shared.lock().status()).expect("status serializes")),
+        Request::Status => {
+            Ok(serde_json::to_value(shared.lock().status()).expect("status serializes"))
+        }
         Request::Spawn { spec } => spawn(&shared, spec).await,
         Request::Wait { id, timeout_ms } => wait(&shared, id, timeout_ms).await,
         Request::Read { id, stream, offset } => {
+            wait_started(&shared).await;
             read(&shared, &mut w, id, stream, offset).await;
             return;
         }
-        Request::Stdin { id, len } => stdin(&shared, &mut r, id, len).await,
-        Request::StdinClose { id } => with_running_proc(&shared, id, || HostMsg::StdinClose { pid: id }),
-        Request::Signal { id, signo } => with_running_proc(&shared, id, || HostMsg::Signal { pid: id, signo }),
+        Request::Stdin { id, len } => {
+            wait_started(&shared).await;
+            stdin(&shared, &mut r, id, len).await
+        }
+        Request::StdinClose { id } => {
+            wait_started(&shared).await;
+            with_running_proc(&shared, id, || HostMsg::StdinClose { pid: id })
+        }
+        Request::Signal { id, signo } => {
+            wait_started(&shared).await;
+            with_running_proc(&shared, id, || HostMsg::Signal { pid: id, signo })
+        }
+        Request::Checkpoint { image_path } => checkpoint(&shared, image_path).await,
         Request::Kill { reason } => {
             kill_sandbox(&shared, &reason);
             Ok(serde_json::Value::Null)
@@ -550,7 +787,10 @@ async fn handle_conn(shared: Arc<Shared>, conn: UnixStream) {
     let _ = answer(&mut w, result).await;
 }
 
-async fn answer(w: &mut tokio::net::unix::OwnedWriteHalf, a: Result<serde_json::Value, SupError>) -> std::io::Result<()> {
+async fn answer(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    a: Result<serde_json::Value, SupError>,
+) -> std::io::Result<()> {
     let a = match a {
         Ok(v) => Answer::Ok(v),
         Err(e) => Answer::Err(e),
@@ -562,6 +802,20 @@ async fn answer(w: &mut tokio::net::unix::OwnedWriteHalf, a: Result<serde_json::
 
 fn not_running() -> SupError {
     SupError::new("sandbox_not_running", "the sandbox is not running")
+}
+
+/// Waits while the sandbox is starting: the entry process (0) and restored
+/// processes exist from then on.
+async fn wait_started(shared: &Arc<Shared>) {
+    loop {
+        let notified = shared.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if shared.lock().phase != Phase::Starting {
+            return;
+        }
+        notified.await;
+    }
 }
 
 /// Waits until the agent said hello (or the sandbox ended).
@@ -607,8 +861,22 @@ async fn spawn(shared: &Arc<Shared>, spec: ProcSpec) -> Result<serde_json::Value
     }
 }
 
-async fn wait(shared: &Arc<Shared>, id: Option<u32>, timeout_ms: u64) -> Result<serde_json::Value, SupError> {
+async fn wait(
+    shared: &Arc<Shared>,
+    id: Option<u32>,
+    timeout_ms: u64,
+) -> Result<serde_json::Value, SupError> {
     let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+    if id.is_some()
+        && tokio::time::timeout_at(deadline, wait_started(shared))
+            .await
+            .is_err()
+    {
+        return Err(SupError::new(
+            "wait_timeout",
+            "the sandbox is still starting",
+        ));
+    }
     loop {
         let notified = shared.changed.notified();
         tokio::pin!(notified);
@@ -618,7 +886,12 @@ async fn wait(shared: &Arc<Shared>, id: Option<u32>, timeout_ms: u64) -> Result<
             let code = match id {
                 None => (st.phase == Phase::Exited).then_some(st.exit_code),
                 Some(id) => match st.procs.get(&id) {
-                    None => return Err(SupError::new("not_found", format!("no process {id} in this sandbox"))),
+                    None => {
+                        return Err(SupError::new(
+                            "not_found",
+                            format!("no process {id} in this sandbox"),
+                        ))
+                    }
                     Some(p) => p.exit_code.map(Some),
                 },
             };
@@ -627,14 +900,24 @@ async fn wait(shared: &Arc<Shared>, id: Option<u32>, timeout_ms: u64) -> Result<
             }
         }
         if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            return Err(SupError::new("wait_timeout", "the process is still running"));
+            return Err(SupError::new(
+                "wait_timeout",
+                "the process is still running",
+            ));
         }
     }
 }
 
-fn with_running_proc(shared: &Arc<Shared>, id: u32, msg: impl FnOnce() -> HostMsg) -> Result<serde_json::Value, SupError> {
+fn with_running_proc(
+    shared: &Arc<Shared>,
+    id: u32,
+    msg: impl FnOnce() -> HostMsg,
+) -> Result<serde_json::Value, SupError> {
     let st = shared.lock();
-    let p = st.procs.get(&id).ok_or_else(|| SupError::new("not_found", format!("no process {id} in this sandbox")))?;
+    let p = st
+        .procs
+        .get(&id)
+        .ok_or_else(|| SupError::new("not_found", format!("no process {id} in this sandbox")))?;
     if st.stopping || st.phase != Phase::Running {
         return Err(not_running());
     }
@@ -650,29 +933,49 @@ async fn stdin(
     id: u32,
     len: u64,
 ) -> Result<serde_json::Value, SupError> {
-    with_running_proc(shared, id, || HostMsg::Stdin { pid: id, data: Vec::new() })?;
+    with_running_proc(shared, id, || HostMsg::Stdin {
+        pid: id,
+        data: Vec::new(),
+    })?;
     let mut left = len;
     let mut chunk = vec![0u8; 64 * 1024];
     while left > 0 {
         let n = (left as usize).min(chunk.len());
-        r.read_exact(&mut chunk[..n]).await.map_err(|e| SupError::new("invalid_request", format!("stdin cut short: {e}")))?;
-        shared.send(HostMsg::Stdin { pid: id, data: chunk[..n].to_vec() });
+        r.read_exact(&mut chunk[..n])
+            .await
+            .map_err(|e| SupError::new("invalid_request", format!("stdin cut short: {e}")))?;
+        shared.send(HostMsg::Stdin {
+            pid: id,
+            data: chunk[..n].to_vec(),
+        });
         left -= n as u64;
     }
     Ok(serde_json::Value::Null)
 }
 
-async fn read(shared: &Arc<Shared>, w: &mut tokio::net::unix::OwnedWriteHalf, id: u32, stream: StreamName, mut offset: u64) {
+async fn read(
+    shared: &Arc<Shared>,
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    id: u32,
+    stream: StreamName,
+    mut offset: u64,
+) {
     let s = match stream {
         StreamName::Stdout => Stream::Stdout,
         StreamName::Stderr => Stream::Stderr,
     };
     {
         let check = match shared.lock().procs.get(&id) {
-            None => Err(SupError::new("not_found", format!("no process {id} in this sandbox"))),
+            None => Err(SupError::new(
+                "not_found",
+                format!("no process {id} in this sandbox"),
+            )),
             Some(p) if offset < p.out[sidx(s)].start => Err(SupError::new(
                 "output_discarded",
-                format!("output before byte {} was already read and discarded", p.out[sidx(s)].start),
+                format!(
+                    "output before byte {} was already read and discarded",
+                    p.out[sidx(s)].start
+                ),
             )),
             Some(_) => Ok(serde_json::json!({ "offset": offset })),
         };
@@ -690,7 +993,9 @@ async fn read(shared: &Arc<Shared>, w: &mut tokio::net::unix::OwnedWriteHalf, id
         chunk.clear();
         {
             let mut st = shared.lock();
-            let Some(p) = st.procs.get_mut(&id) else { return };
+            let Some(p) = st.procs.get_mut(&id) else {
+                return;
+            };
             let o = &mut p.out[sidx(s)];
             if offset < o.start {
                 return; // evicted under us: end without the clean marker, the reader will see 410
@@ -712,7 +1017,11 @@ async fn read(shared: &Arc<Shared>, w: &mut tokio::net::unix::OwnedWriteHalf, id
                 o.read_hi = o.read_hi.max(offset);
                 o.evict();
                 if let Some(bytes) = o.credit() {
-                    shared.send(HostMsg::Credit { pid: id, stream: s, bytes });
+                    shared.send(HostMsg::Credit {
+                        pid: id,
+                        stream: s,
+                        bytes,
+                    });
                 }
             } else if o.eof {
                 done = true;
@@ -753,3 +1062,132 @@ async fn shutdown(shared: &Arc<Shared>) {
     let _ = tokio::task::spawn_blocking(move || s2.runsc.delete_force(&s2.cfg.sandbox_id)).await;
 }
 
+/// Checkpoint, then restore in place under the same container ID on fresh
+/// pipes (this runsc's `--leave-running` is broken). Processes, their output
+/// buffers and open streams carry on; they are paused for `pause_ms`.
+async fn checkpoint(
+    shared: &Arc<Shared>,
+    image_path: PathBuf,
+) -> Result<serde_json::Value, SupError> {
+    wait_running(shared).await?;
+    let (qtx, qrx) = oneshot::channel();
+    {
+        let mut st = shared.lock();
+        if st.checkpointing {
+            return Err(SupError::new(
+                "conflict",
+                "a snapshot of this sandbox is already being taken; try again when it is done",
+            ));
+        }
+        if st.phase != Phase::Running || st.stopping {
+            return Err(not_running());
+        }
+        st.checkpointing = true;
+        st.quiesced = Some(qtx);
+    }
+    let result = checkpoint_inner(shared, image_path, qrx).await;
+    shared.lock().checkpointing = false;
+    shared.changed.notify_waiters();
+    result
+}
+
+async fn checkpoint_inner(
+    shared: &Arc<Shared>,
+    image_path: PathBuf,
+    qrx: oneshot::Receiver<()>,
+) -> Result<serde_json::Value, SupError> {
+    let failed = |m: String| SupError::new("snapshot_failed", m);
+    let t0 = std::time::Instant::now();
+    let _ = shared.to_agent.send(ToAgent::Quiesce);
+    if !matches!(
+        tokio::time::timeout(Duration::from_secs(10), qrx).await,
+        Ok(Ok(()))
+    ) {
+        let _ = shared.to_agent.send(ToAgent::Attach {
+            stdin: None,
+            resume: true,
+        });
+        return Err(failed(
+            "the sandbox's agent did not pause for the snapshot".into(),
+        ));
+    }
+    // Every frame before `Quiesced` has been applied: the table is exact.
+    let (procs, next_id, old_gen) = {
+        let mut st = shared.lock();
+        let procs = st
+            .procs
+            .iter()
+            .map(|(id, p)| CheckpointProc {
+                id: *id,
+                argv: p.argv.clone(),
+                started_at: p.started_at,
+                exit_code: p.exit_code,
+                outstanding: [p.out[0].outstanding, p.out[1].outstanding],
+                eof: [p.out[0].eof, p.out[1].eof],
+            })
+            .collect::<Vec<_>>();
+        st.gen += 1;
+        (procs, st.next_id, st.gen - 1)
+    };
+    let id = shared.cfg.sandbox_id.clone();
+    let runsc = shared.runsc.clone();
+    let img = image_path.clone();
+    let ck = tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&img).map_err(|e| e.to_string())?;
+        runsc.checkpoint(&id, &img).map_err(|e| e.to_string())?;
+        // The checkpointed container is stopped; make room for its restore.
+        runsc
+            .delete(&id)
+            .or_else(|_| runsc.delete_force(&id))
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    eprintln!(
+        "supervisor: checkpoint into {} after {:?}: {ck:?}",
+        image_path.display(),
+        t0.elapsed()
+    );
+    if let Err(e) = ck {
+        // Still the old container if the checkpoint never stopped it.
+        shared.lock().gen = old_gen;
+        let _ = shared.to_agent.send(ToAgent::Attach {
+            stdin: None,
+            resume: true,
+        });
+        if ping(shared, Duration::from_secs(2)).await {
+            return Err(failed(format!(
+                "checkpoint failed, the sandbox goes on: {e}"
+            )));
+        }
+        kill_sandbox(shared, "failed");
+        return Err(failed(format!(
+            "checkpoint failed and the sandbox was lost: {e}"
+        )));
+    }
+    let gen = shared.lock().gen;
+    let bundle = shared.dir.join("bundle");
+    let cmd = shared
+        .runsc
+        .restore_command(&bundle, &image_path, &shared.cfg.sandbox_id);
+    if let Err(e) = launch(shared, cmd, gen, true) {
+        kill_sandbox(shared, "failed");
+        return Err(failed(format!(
+            "cannot restore the sandbox after its snapshot: {e}"
+        )));
+    }
+    if !ping(shared, Duration::from_secs(30)).await {
+        kill_sandbox(shared, "failed");
+        return Err(failed(
+            "the sandbox did not come back after its snapshot".into(),
+        ));
+    }
+    let pause_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    eprintln!("supervisor: restored in place after a {pause_ms:.0} ms pause");
+    Ok(serde_json::to_value(CheckpointInfo {
+        procs,
+        next_id,
+        pause_ms,
+    })
+    .expect("checkpoint info serializes"))
+}

@@ -21,6 +21,40 @@ pub struct LaunchConfig {
     pub entry: Option<ProcSpec>,
     /// Unix time (seconds) at which the sandbox is killed with reason `timeout`.
     pub deadline: f64,
+    /// Restore this checkpoint instead of a cold start (`entry` is then unused).
+    #[serde(default)]
+    pub restore: Option<RestoreConfig>,
+}
+
+/// A checkpoint to restore and the process table that goes with it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreConfig {
+    pub image_path: PathBuf,
+    pub procs: Vec<CheckpointProc>,
+    pub next_id: u32,
+}
+
+/// A process as it was at checkpoint time, with the flow-control state the
+/// restored agent still holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CheckpointProc {
+    pub id: u32,
+    pub argv: Vec<String>,
+    pub started_at: f64,
+    pub exit_code: Option<i32>,
+    /// Credit the agent holds for stdout and stderr.
+    pub outstanding: [u64; 2],
+    /// Whether stdout and stderr had already ended.
+    pub eof: [bool; 2],
+}
+
+/// Answer to [`Request::Checkpoint`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointInfo {
+    pub procs: Vec<CheckpointProc>,
+    pub next_id: u32,
+    /// How long the sandbox's processes were stopped, in milliseconds.
+    pub pause_ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -44,15 +78,38 @@ pub enum StreamName {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    Spawn { spec: ProcSpec },
+    Spawn {
+        spec: ProcSpec,
+    },
     /// Waits for process `id` (or the sandbox when `None`) to exit.
-    Wait { id: Option<u32>, timeout_ms: u64 },
-    Read { id: u32, stream: StreamName, offset: u64 },
-    Stdin { id: u32, len: u64 },
-    StdinClose { id: u32 },
-    Signal { id: u32, signo: i32 },
+    Wait {
+        id: Option<u32>,
+        timeout_ms: u64,
+    },
+    Read {
+        id: u32,
+        stream: StreamName,
+        offset: u64,
+    },
+    Stdin {
+        id: u32,
+        len: u64,
+    },
+    StdinClose {
+        id: u32,
+    },
+    Signal {
+        id: u32,
+        signo: i32,
+    },
     /// Stops the sandbox's container; the sandbox stays inspectable.
-    Kill { reason: String },
+    Kill {
+        reason: String,
+    },
+    /// Writes a memory checkpoint to `image_path`; the sandbox goes on running.
+    Checkpoint {
+        image_path: PathBuf,
+    },
     /// Stops everything, removes runsc state, and ends the supervisor.
     Shutdown,
 }
@@ -95,7 +152,10 @@ pub struct SupError {
 
 impl SupError {
     pub fn new(code: &str, message: impl Into<String>) -> SupError {
-        SupError { code: code.to_string(), message: message.into() }
+        SupError {
+            code: code.to_string(),
+            message: message.into(),
+        }
     }
 }
 

@@ -1,0 +1,225 @@
+//! A real daemon for the tests: `gworker serve` on a private data dir and
+//! socket, waited for until `/v1/health` answers, its sandboxes terminated
+//! and the process killed on drop. No mocks: sandboxes are real gVisor ones.
+//!
+//! Binary: `$GWORKER_BIN`, else `<workspace>/target/debug/gworker` (build it
+//! with `cargo build -p gworker-cli`). Agent: `$GWORKER_AGENT`, else the
+//! daemon's own lookup (`bash scripts/build-agent.sh` builds it).
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use gworker_client::Client;
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
+}
+
+/// Whether gVisor is installed; tests print a message and return when not.
+pub fn have_runsc() -> bool {
+    if let Some(p) = std::env::var_os("GWORKER_RUNSC") {
+        return Path::new(&p).is_file();
+    }
+    std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).any(|d| d.join("runsc").is_file()))
+        .unwrap_or(false)
+}
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub url: String,
+    /// With `start_tcp`: `http://127.0.0.1:PORT` and the token it requires.
+    pub tcp: Option<(String, String)>,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Starts a daemon, or returns `None` (after saying so) when runsc is missing.
+macro_rules! daemon_or_skip {
+    () => {
+        match common::Daemon::start() {
+            Some(d) => d,
+            None => {
+                eprintln!("skipping: runsc (gVisor) is not installed");
+                return;
+            }
+        }
+    };
+}
+pub(crate) use daemon_or_skip;
+
+impl Daemon {
+    pub fn start() -> Option<Daemon> {
+        Self::start_with(None)
+    }
+
+    /// Also listening on TCP (loopback, a free port) with a bearer token.
+    pub fn start_tcp() -> Option<Daemon> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        Self::start_with(Some((
+            format!("http://127.0.0.1:{port}"),
+            format!("tok-{}-{port}", std::process::id()),
+        )))
+    }
+
+    fn start_with(tcp: Option<(String, String)>) -> Option<Daemon> {
+        if !have_runsc() {
+            return None;
+        }
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("gwc-rs-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("test dir");
+        let socket = dir.join("gw.sock");
+        let url = format!("unix://{}", socket.display());
+        let mut d = Daemon {
+            child: None,
+            dir,
+            socket,
+            url,
+            tcp,
+        };
+        d.spawn();
+        Some(d)
+    }
+
+    fn bin() -> PathBuf {
+        let bin = std::env::var_os("GWORKER_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace().join("target/debug/gworker"));
+        assert!(
+            bin.is_file(),
+            "{} does not exist: run `cargo build -p gworker-cli` (or set GWORKER_BIN)",
+            bin.display()
+        );
+        bin
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .expect("daemon log");
+        let mut cmd = Command::new(Self::bin());
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .env_remove("GWORKER_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log);
+        if let Some((url, token)) = &self.tcp {
+            cmd.arg("--listen")
+                .arg(url.trim_start_matches("http://"))
+                .env("GWORKER_TOKEN", token);
+        }
+        let child = cmd.spawn().expect("start gworker serve");
+        self.child = Some(child);
+        self.wait_healthy();
+    }
+
+    fn wait_healthy(&mut self) {
+        let start = Instant::now();
+        loop {
+            if let Ok((200, _)) = http(&self.socket, "GET", "/v1/health") {
+                return;
+            }
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("gworker serve exited ({st}):\n{}", self.log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "daemon not healthy after 30 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.url, None).expect("client")
+    }
+
+    /// SIGKILL the daemon (its sandboxes live on: supervisors are detached).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the daemon again on the same data dir and socket.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            // Terminate what the test left behind, so no gVisor sandbox outlives it.
+            if let Ok((200, body)) = http(&self.socket, "GET", "/v1/sandboxes") {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
+                    for sb in v["sandboxes"].as_array().into_iter().flatten() {
+                        if let Some(id) = sb["sandbox_id"].as_str() {
+                            let _ = http(&self.socket, "DELETE", &format!("/v1/sandboxes/{id}"));
+                        }
+                    }
+                }
+            }
+        }
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- daemon log (last lines, {}) ---", self.dir.display());
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+        self.kill9();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A minimal blocking HTTP/1.1 request over the unix socket (for setup and
+/// teardown, independent of the client under test).
+pub fn http(socket: &Path, method: &str, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(buf.len());
+    let head = String::from_utf8_lossy(&buf[..split]);
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, buf[(split + 4).min(buf.len())..].to_vec()))
+}
