@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::{fsutil, ImageError};
 
 /// Bumped when a recipe changes what it produces; stored in image.json.
-pub const RECIPE_VERSION: u32 = 1;
+pub const RECIPE_VERSION: u32 = 2;
 
 pub(crate) const STD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -293,12 +293,52 @@ fn build_debian_slim(
             format!("{tool} succeeded but {} is missing", python.display()),
         ));
     }
+    install_statx_fix(rootfs)?;
     finalize(IMG, rootfs)?;
     Ok(vec![
         ("PATH".into(), STD_PATH.into()),
         ("HOME".into(), "/root".into()),
         ("LANG".into(), "C.UTF-8".into()),
     ])
+}
+
+/// Compiles `statx_fix.c` (see there: `ls` fails under this gVisor without
+/// it) against the host's glibc, which is bookworm's too, and preloads it.
+fn install_statx_fix(rootfs: &Path) -> Result<(), ImageError> {
+    const IMG: &str = "debian-slim";
+    const SOURCE: &str = include_str!("statx_fix.c");
+    let dir = rootfs.join("usr/lib/gworker");
+    fs::create_dir_all(&dir).map_err(|e| io_ctx(IMG, "create", &dir, e))?;
+    let src = dir.join("statx-fix.c");
+    fs::write(&src, SOURCE).map_err(|e| io_ctx(IMG, "write", &src, e))?;
+    let so = dir.join("statx-fix.so");
+    let out = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&so)
+        .arg(&src)
+        .output()
+        .map_err(|e| {
+            build_err(
+                IMG,
+                format!(
+                    "cannot run the C compiler `cc` ({e}); install it with `apt-get install gcc`"
+                ),
+            )
+        })?;
+    if !out.status.success() {
+        return Err(build_err(
+            IMG,
+            format!(
+                "compiling the statx fix failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    write_file(
+        rootfs,
+        "etc/ld.so.preload",
+        "/usr/lib/gworker/statx-fix.so\n",
+    )
 }
 
 /// What every image must have, whatever made it.

@@ -108,19 +108,74 @@ def _wait(transport: Transport, path: str, timeout: Optional[float], what: str) 
 
 class SandboxSnapshot:
     """A memory checkpoint of a sandbox, made by :meth:`Sandbox.snapshot`; pass
-    it as ``snapshot=`` to :meth:`Sandbox.create` to restore that state."""
+    it as ``snapshot=`` to :meth:`Sandbox.create` to restore that state.
 
-    __slots__ = ("snapshot_id",)
+    ``snapshot_id`` is known at once; ``created_at``, ``size_bytes``,
+    ``source_sandbox_id``, ``image``, ``pause_ms`` and ``processes`` come from
+    the daemon (fetched on first use for a handle made with :meth:`from_id`).
+    """
 
-    def __init__(self, snapshot_id: str) -> None:
+    __slots__ = ("snapshot_id", "_info")
+
+    def __init__(self, snapshot_id: str, _info: Optional[Dict[str, Any]] = None) -> None:
         if not isinstance(snapshot_id, str) or not snapshot_id:
             raise ValueError("a snapshot ID is a non-empty string")
         self.snapshot_id: str = snapshot_id
+        self._info = _info
 
     @classmethod
     def from_id(cls, snapshot_id: str) -> "SandboxSnapshot":
-        """The snapshot with this ID."""
+        """The snapshot with this ID (checked against the daemon when its
+        details are first read, or when it is restored)."""
         return cls(snapshot_id)
+
+    @classmethod
+    def list(cls) -> "List[SandboxSnapshot]":
+        """Every snapshot the daemon keeps, oldest first."""
+        data = Transport.from_env().call("GET", "/v1/snapshots")
+        return [cls(s["snapshot_id"], s) for s in data["snapshots"]]
+
+    def delete(self) -> None:
+        """Delete the snapshot's files. Sandboxes restored from it are not
+        affected. Raises ``NotFoundError`` if it does not exist."""
+        Transport.from_env().call("DELETE", f"/v1/snapshots/{_quote(self.snapshot_id)}")
+
+    def info(self) -> Dict[str, Any]:
+        """The daemon's description of the snapshot (raises ``NotFoundError``
+        if it does not exist)."""
+        if self._info is None:
+            self._info = Transport.from_env().call("GET", f"/v1/snapshots/{_quote(self.snapshot_id)}")
+        return self._info
+
+    @property
+    def created_at(self) -> float:
+        """Unix time at which the snapshot was taken."""
+        return float(self.info()["created_at"])
+
+    @property
+    def size_bytes(self) -> int:
+        """Size of the checkpoint on disk."""
+        return int(self.info()["size_bytes"])
+
+    @property
+    def source_sandbox_id(self) -> str:
+        """The sandbox it was taken from."""
+        return str(self.info()["source_sandbox_id"])
+
+    @property
+    def image(self) -> str:
+        """The image of the sandbox it was taken from."""
+        return str(self.info()["image"])
+
+    @property
+    def pause_ms(self) -> float:
+        """How long the source sandbox was paused while it was taken."""
+        return float(self.info()["pause_ms"])
+
+    @property
+    def processes(self) -> "List[int]":
+        """Process ids that were running (they go on running after a restore)."""
+        return [int(p) for p in self.info()["processes"]]
 
     def to_json(self) -> Dict[str, Any]:
         """The snapshot as it goes into the create request."""
@@ -391,7 +446,7 @@ class Sandbox:
         be passed as ``snapshot=`` to ``Sandbox.create()`` to restore the
         container state on the next invocation, skipping cold-start setup."""
         info = self._transport.call("POST", f"{self._path}/snapshot")
-        return SandboxSnapshot(info["snapshot_id"])
+        return SandboxSnapshot(info["snapshot_id"], info)
 
     def __enter__(self) -> "Sandbox":
         return self
