@@ -10,7 +10,6 @@ from gworker_client import (
     Image,
     InvalidRequestError,
     NotFoundError,
-    NotSupportedError,
     Sandbox,
     SandboxSnapshot,
     Secret,
@@ -115,17 +114,16 @@ def test_unknown_image_not_found(daemon):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"secrets": [Secret.from_dict({"API_KEY": "s3cr3t"})]},
-        {"secrets": [Secret.from_name("prod-db")]},
-        {"volumes": {"/data": Volume.from_name("cache", create_if_missing=True)}},
+        {"secrets": [Secret.from_name("no-such-secret")]},
+        {"volumes": {"/data": Volume.from_name("no-such-volume")}},
     ],
-    ids=["secret-values", "secret-name", "volume"],
+    ids=["secret-name", "volume"],
 )
-def test_create_not_supported(daemon, kwargs):
+def test_create_with_unknown_names(daemon, kwargs):
     before = daemon.sandbox_ids()
-    with pytest.raises(NotSupportedError) as info:
+    with pytest.raises(NotFoundError) as info:
         Sandbox.create(["true"], image=BUSYBOX, timeout=60, **kwargs)
-    assert info.value.code == "not_supported" and info.value.status == 400
+    assert info.value.code == "not_found" and info.value.status == 404
     assert isinstance(info.value, GworkerError)
     assert daemon.sandbox_ids() - before == set(), "no sandbox was made"
 

@@ -23,6 +23,7 @@
 mod client;
 mod error;
 mod sandbox;
+mod store;
 mod stream;
 
 pub use client::{default_url, Client};
@@ -30,4 +31,5 @@ pub use error::{BoxError, Error, Result};
 pub use gworker_api as api;
 pub use gworker_api::ErrorCode;
 pub use sandbox::{shell, CreateOptions, ExecOptions, Process, Sandbox, SandboxSnapshot, Stdin};
+pub use store::{Secret, Secrets, Volume};
 pub use stream::{OutputStream, StreamKind, RESUME_WINDOW};

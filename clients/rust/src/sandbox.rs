@@ -40,6 +40,11 @@ pub struct CreateOptions {
     pub workdir: Option<String>,
     /// Start from this snapshot instead of a cold start.
     pub snapshot: Option<SandboxSnapshot>,
+    /// Secrets, applied in order over the image's environment (`env` wins);
+    /// see [`crate::Secret`].
+    pub secrets: Vec<crate::Secret>,
+    /// Volumes by absolute mount path; see [`crate::Volume::mount`].
+    pub volumes: BTreeMap<String, gworker_api::VolumeRef>,
 }
 
 /// Options of [`Sandbox::exec`].
@@ -114,8 +119,9 @@ impl Sandbox {
             timeout: opts.timeout.map(|d| d.as_secs_f64()),
             env: (!opts.env.is_empty()).then_some(opts.env),
             workdir: opts.workdir,
-            secrets: None,
-            volumes: None,
+            secrets: (!opts.secrets.is_empty())
+                .then(|| opts.secrets.into_iter().map(|s| s.0).collect()),
+            volumes: (!opts.volumes.is_empty()).then_some(opts.volumes),
             snapshot: opts
                 .snapshot
                 .map(|s| gworker_api::SnapshotRef { snapshot_id: s.id }),

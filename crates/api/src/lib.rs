@@ -36,18 +36,118 @@ pub struct CreateSandbox {
     /// Absolute working directory of the entry command and default for execs; created if missing.
     #[serde(default)]
     pub workdir: Option<String>,
-    /// Not supported yet: a non-empty list is refused with `not_supported`.
+    /// Secrets whose values become environment variables of the entry
+    /// command and every exec, applied in order (a later one wins); `env`
+    /// wins over all of them. See `docs/secrets.md`.
     #[serde(default)]
-    #[schema(value_type = Option<Vec<Object>>)]
-    pub secrets: Option<Vec<serde_json::Value>>,
-    /// Not supported yet: a non-empty map is refused with `not_supported`.
+    pub secrets: Option<Vec<SecretRef>>,
+    /// Named volumes mounted read-write, by absolute path in the sandbox.
+    /// See `docs/volumes.md`.
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
-    pub volumes: Option<BTreeMap<String, serde_json::Value>>,
+    pub volumes: Option<BTreeMap<String, VolumeRef>>,
     /// Restore this snapshot instead of a cold start: its processes go on
     /// running. `image` may be omitted (it must match the snapshot's).
     #[serde(default)]
     pub snapshot: Option<SnapshotRef>,
+}
+
+/// A secret in a create request: exactly one of `name` (a stored secret) or
+/// `values` (used for this sandbox only, never stored).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SecretRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<BTreeMap<String, String>>,
+}
+
+/// A volume in a create request.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeRef {
+    pub name: String,
+    /// Create the volume (without quota) if it does not exist.
+    #[serde(default)]
+    pub create_if_missing: bool,
+}
+
+/// Body of `POST /v1/volumes`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolume {
+    /// `[A-Za-z0-9][A-Za-z0-9._-]*`, at most 64 characters.
+    pub name: String,
+    /// Size limit in bytes (at least 16 MiB): writes beyond it fail with
+    /// ENOSPC inside the sandbox. Null: no limit but the host disk.
+    #[serde(default)]
+    pub quota_bytes: Option<u64>,
+    /// Answer 200 with the existing volume instead of 409 `conflict`.
+    #[serde(default)]
+    pub exist_ok: bool,
+}
+
+/// A named, persistent volume.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Volume {
+    pub name: String,
+    pub created_at: f64,
+    pub quota_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VolumeList {
+    pub volumes: Vec<Volume>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+/// One entry of a volume listing.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct VolumeEntry {
+    /// Path from the volume's root, without a leading `/`.
+    pub path: String,
+    #[serde(rename = "type")]
+    pub kind: EntryKind,
+    pub size: u64,
+    pub mtime: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VolumeListing {
+    pub entries: Vec<VolumeEntry>,
+}
+
+/// Body of `POST /v1/secrets`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSecret {
+    /// `[A-Za-z0-9][A-Za-z0-9._-]*`, at most 64 characters.
+    pub name: String,
+    /// Environment variables: names `[A-Za-z_][A-Za-z0-9_]*`, values without NUL.
+    pub values: BTreeMap<String, String>,
+    /// Replace an existing secret of that name instead of 409 `conflict`.
+    #[serde(default)]
+    pub overwrite: bool,
+}
+
+/// A stored secret as listed: its name only, never its values.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct SecretInfo {
+    pub name: String,
+    pub created_at: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SecretList {
+    pub secrets: Vec<SecretInfo>,
 }
 
 /// A reference to a snapshot in a create request.
@@ -197,6 +297,8 @@ pub enum ErrorCode {
     SnapshotCorrupt,
     /// A snapshot cannot be restored here (different runsc, image or CPU).
     SnapshotIncompatible,
+    /// A host-side write into a volume went over its quota (or the host disk is full).
+    NoSpace,
     Internal,
 }
 
@@ -214,6 +316,7 @@ impl ErrorCode {
             ErrorCode::SnapshotCorrupt => 422,
             ErrorCode::OutputDiscarded => 410,
             ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::NoSpace => 507,
             ErrorCode::Internal => 500,
             ErrorCode::SandboxStartingFailed | ErrorCode::SnapshotFailed => 503,
         }
@@ -237,6 +340,7 @@ impl ErrorCode {
             ErrorCode::SnapshotFailed => "snapshot_failed",
             ErrorCode::SnapshotCorrupt => "snapshot_corrupt",
             ErrorCode::SnapshotIncompatible => "snapshot_incompatible",
+            ErrorCode::NoSpace => "no_space",
             ErrorCode::Internal => "internal",
         }
     }
@@ -260,10 +364,23 @@ mod tests {
             ErrorCode::WaitTimeout,
             ErrorCode::OutputDiscarded,
             ErrorCode::SandboxStartingFailed,
+            ErrorCode::NoSpace,
         ] {
             assert_eq!(ErrorCode::parse(c.as_str()), Some(c));
             assert!(c.status() >= 400);
         }
+    }
+
+    #[test]
+    fn secret_and_volume_refs_parse_as_the_clients_send_them() {
+        let c: CreateSandbox = serde_json::from_str(
+            r#"{"secrets":[{"name":"db"},{"values":{"A":"b"}}],"volumes":{"/data":{"name":"v","create_if_missing":true}}}"#,
+        )
+        .unwrap();
+        let s = c.secrets.unwrap();
+        assert_eq!(s[0].name.as_deref(), Some("db"));
+        assert_eq!(s[1].values.as_ref().unwrap()["A"], "b");
+        assert!(c.volumes.unwrap()["/data"].create_if_missing);
     }
 
     #[test]

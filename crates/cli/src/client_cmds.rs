@@ -74,6 +74,12 @@ pub struct CreateArgs {
     /// Absolute working directory (created if missing).
     #[arg(long, short = 'w', value_name = "DIR")]
     workdir: Option<String>,
+    /// A stored secret whose values become environment variables (repeatable, applied in order; --env wins).
+    #[arg(long = "secret", value_name = "NAME")]
+    secrets: Vec<String>,
+    /// Mount a volume read-write at an absolute path (repeatable).
+    #[arg(long = "volume", short = 'v', value_name = "PATH=NAME", value_parser = parse_env)]
+    volumes: Vec<(String, String)>,
     /// Print the sandbox as JSON instead of its ID.
     #[arg(long)]
     json: bool,
@@ -256,6 +262,22 @@ async fn create(a: CreateArgs) -> CmdResult {
         timeout: a.timeout,
         env: a.env.into_iter().collect::<BTreeMap<_, _>>(),
         workdir: a.workdir,
+        secrets: a
+            .secrets
+            .into_iter()
+            .map(gworker_client::Secret::from_name)
+            .collect(),
+        volumes: a
+            .volumes
+            .into_iter()
+            .map(|(path, name)| {
+                let r = gworker_client::api::VolumeRef {
+                    name,
+                    create_if_missing: false,
+                };
+                (path, r)
+            })
+            .collect(),
         ..Default::default()
     };
     let sb = Sandbox::create(&c, opts).await.map_err(|e| fail(e, None))?;

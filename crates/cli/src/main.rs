@@ -3,6 +3,7 @@
 
 mod client_cmds;
 mod serve;
+mod store_cmds;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +25,12 @@ enum Cmd {
     /// Manage sandboxes through a running daemon.
     #[command(subcommand)]
     Sandbox(client_cmds::SandboxCmd),
+    /// Named, persistent volumes and their files.
+    #[command(subcommand)]
+    Volume(store_cmds::VolumeCmd),
+    /// Stored secrets (encrypted at rest; listed by name only).
+    #[command(subcommand)]
+    Secret(store_cmds::SecretCmd),
     /// Build and list images.
     #[command(subcommand)]
     Image(serve::ImageCmd),
@@ -39,5 +46,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Serve(args) => serve::serve(args),
         Cmd::Image(cmd) => serve::image(cmd),
         Cmd::Sandbox(cmd) => client_cmds::run(cmd),
+        Cmd::Volume(cmd) => store_cmds::volume(cmd),
+        Cmd::Secret(cmd) => store_cmds::secret(cmd),
     }
 }

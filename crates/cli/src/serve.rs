@@ -28,9 +28,25 @@ pub struct ServeArgs {
     /// Seconds an exited sandbox stays inspectable before it is removed.
     #[arg(long, default_value_t = 600)]
     retention: u64,
+    /// Keep N pre-booted sandboxes of IMAGE ready (e.g. `--pool busybox=4`),
+    /// so creating one takes milliseconds; repeat for several images.
+    #[arg(long, value_name = "IMAGE=N", value_parser = parse_pool)]
+    pool: Vec<(String, usize)>,
+    /// Most host memory (MiB) the warm pool may hold (~50 MiB a sandbox).
+    #[arg(long, default_value_t = 2048)]
+    pool_memory_mb: u64,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+}
+
+fn parse_pool(s: &str) -> Result<(String, usize), String> {
+    let (image, n) = s.split_once('=').ok_or_else(|| format!("expected IMAGE=N, got {s:?}"))?;
+    if !gworker_images::ImageStore::is_known(image) {
+        return Err(format!("unknown image {image:?}; known: {}", gworker_images::BUILTIN_IMAGES.join(", ")));
+    }
+    let n = n.parse().map_err(|_| format!("expected a number of sandboxes after '=', got {n:?}"))?;
+    Ok((image.to_string(), n))
 }
 
 #[derive(Subcommand)]
@@ -99,6 +115,10 @@ pub fn serve(a: ServeArgs) -> ExitCode {
                 .unwrap_or_else(find_agent),
             supervisor_exe: std::env::current_exe().unwrap_or_else(|_| "gworker".into()),
             retention: Duration::from_secs(a.retention),
+            pool: gworker_engine::pool::PoolConfig {
+                sizes: a.pool.into_iter().collect(),
+                memory_budget_mb: a.pool_memory_mb,
+            },
         },
         socket: a.socket.unwrap_or_else(gworker_api::default_socket_path),
         listen: a.listen,

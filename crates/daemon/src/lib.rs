@@ -5,6 +5,7 @@
 mod error;
 pub mod openapi;
 mod routes;
+mod routes_store;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -40,6 +41,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     })
     .await?
     .map_err(|e| anyhow::anyhow!("cannot open the data directory: {e}"))?;
+    engine.remove_orphans().await;
+    engine.start_pool();
 
     tokio::spawn({
         let engine = engine.clone();

@@ -4,7 +4,7 @@
 
 use utoipa::OpenApi;
 
-use crate::routes;
+use crate::{routes, routes_store};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -31,7 +31,20 @@ use crate::routes;
         routes::signal,
         routes::list_snapshots,
         routes::get_snapshot,
-        routes::delete_snapshot
+        routes::delete_snapshot,
+        routes_store::list_volumes,
+        routes_store::create_volume,
+        routes_store::get_volume,
+        routes_store::delete_volume,
+        routes_store::list_files,
+        routes_store::read_file,
+        routes_store::write_file,
+        routes_store::remove_file,
+        routes_store::make_dir,
+        routes_store::list_secrets,
+        routes_store::create_secret,
+        routes_store::get_secret,
+        routes_store::delete_secret
     ),
     components(schemas(
         gworker_api::CreateSandbox,
@@ -50,7 +63,18 @@ use crate::routes;
         gworker_api::ErrorCode,
         gworker_api::Snapshot,
         gworker_api::SnapshotList,
-        gworker_api::SnapshotRef
+        gworker_api::SnapshotRef,
+        gworker_api::SecretRef,
+        gworker_api::VolumeRef,
+        gworker_api::CreateVolume,
+        gworker_api::Volume,
+        gworker_api::VolumeList,
+        gworker_api::VolumeEntry,
+        gworker_api::EntryKind,
+        gworker_api::VolumeListing,
+        gworker_api::CreateSecret,
+        gworker_api::SecretInfo,
+        gworker_api::SecretList
     ))
 )]
 struct ApiDoc;

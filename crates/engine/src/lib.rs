@@ -12,7 +12,10 @@
 //!   are found again through their socket in the data directory.
 
 pub mod registry;
+pub mod secrets;
+pub mod pool;
 pub mod snapshots;
+pub mod volumes;
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::process::CommandExt;
@@ -90,6 +93,8 @@ pub struct EngineConfig {
     pub supervisor_exe: PathBuf,
     /// How long an exited sandbox stays inspectable before it is removed.
     pub retention: Duration,
+    /// Warm pool sizes and memory budget (empty: no pool).
+    pub pool: pool::PoolConfig,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -127,6 +132,8 @@ pub struct Engine {
     live: Mutex<HashMap<String, Arc<Live>>>,
     verified: snapshots::Verified,
     runsc_version: String,
+    secrets: secrets::SecretStore,
+    pool: pool::Pool,
 }
 
 pub fn now() -> f64 {
@@ -243,6 +250,9 @@ impl Engine {
         let runsc_version = gworker_runtime::Runsc::new(&cfg.runsc_bin, cfg.data_dir.join("runsc"))
             .version()
             .unwrap_or_default();
+        let secrets = secrets::SecretStore::open(&cfg.data_dir)?;
+        volumes::VolumeStore::new(&cfg.data_dir).mount_all();
+        let cfg_pool = cfg.pool.clone();
         let engine = Arc::new(Engine {
             cfg,
             reg,
@@ -250,6 +260,8 @@ impl Engine {
             live: Mutex::new(HashMap::new()),
             verified: snapshots::Verified::default(),
             runsc_version,
+            secrets,
+            pool: pool::Pool::new(cfg_pool),
         });
         engine.recover()?;
         Ok(engine)
@@ -326,16 +338,6 @@ impl Engine {
     }
 
     pub async fn create(self: &Arc<Self>, req: api::CreateSandbox) -> Result<api::Sandbox> {
-        if req.secrets.as_ref().is_some_and(|s| !s.is_empty()) {
-            return Err(EngineError::NotSupported(
-                "secrets are not supported yet".into(),
-            ));
-        }
-        if req.volumes.as_ref().is_some_and(|v| !v.is_empty()) {
-            return Err(EngineError::NotSupported(
-                "volumes are not supported yet".into(),
-            ));
-        }
         let snap = match &req.snapshot {
             Some(r) => Some(self.snapshot_meta(&r.snapshot_id)?),
             None => None,
@@ -402,7 +404,37 @@ impl Engine {
             }
             None => (env, req.workdir),
         };
+        // Everything a restore depends on is checked before the sandbox exists,
+        // so a refused restore leaves nothing behind.
+        let restore = match &snap {
+            Some(s) => {
+                let rootfs = self
+                    .images
+                    .ready(&image)
+                    .ok()
+                    .flatten()
+                    .map(|i| i.rootfs)
+                    .ok_or_else(|| EngineError::Coded {
+                        code: ErrorCode::SnapshotIncompatible,
+                        message: format!("the snapshot's image {image:?} is not built here"),
+                    })?;
+                Some(self.restore_config(s, &rootfs).await?)
+            }
+            None => None,
+        };
+        // Unknown secret or volume names fail here, before the sandbox exists.
+        let secret_env = self.secrets.resolve(req.secrets.as_deref().unwrap_or(&[]))?;
+        let mounts = self.resolve_volumes(
+            req.volumes.as_ref(),
+            snap.as_ref().map(|s| &s.requires.volumes),
+        )?;
         let created_at = now();
+        // Plain sandboxes come from the warm pool when it has one ready.
+        let slot = if restore.is_none() && mounts.is_empty() && secret_env.is_empty() {
+            self.pool.take(&image)
+        } else {
+            None
+        };
         let row = SandboxRow {
             id: new_id(),
             image,
@@ -418,7 +450,18 @@ impl Engine {
             message: None,
             exited_at: None,
         };
+        if let Some(slot) = slot {
+            match self.claim_slot(&slot, &row).await {
+                Ok(view) => return Ok(view),
+                Err(e) => {
+                    tracing::warn!(sandbox = %slot, error = %e, "warm pool: claim failed, starting cold");
+                    self.discard_slot(&slot).await;
+                }
+            }
+        }
         self.reg.insert_sandbox(&row)?;
+        self.attach_volumes(&row.id, &mounts)?;
+        self.secrets.stash(&row.id, secret_env);
         let (tx, rx) = watch::channel(Ready::Pending);
         self.live.lock().unwrap().insert(
             row.id.clone(),
@@ -428,7 +471,7 @@ impl Engine {
         let r2 = row.clone();
         tokio::spawn(async move {
             let id = r2.id.clone();
-            let res = engine.start(r2, snap).await;
+            let res = engine.start(r2, restore).await;
             match res {
                 Ok(()) => {
                     let _ = tx.send(Ready::Up);
@@ -446,8 +489,30 @@ impl Engine {
         Ok(self.view(&row, None))
     }
 
+    /// Gives a warm-pool sandbox the request's entry command and deadline,
+    /// then registers it under the slot's ID.
+    async fn claim_slot(&self, slot: &str, row: &SandboxRow) -> Result<api::Sandbox> {
+        let image_env = self.images.ready(&row.image).ok().flatten().map(|i| i.env).unwrap_or_default();
+        let entry = (!row.cmd.is_empty()).then(|| ProcSpec {
+            argv: row.cmd.clone(),
+            env: merge_env(&[&image_env, &row.env]),
+            cwd: row.workdir.clone().unwrap_or_else(|| "/".into()),
+            mkdir_cwd: true,
+            over_secrets: row.env.iter().map(|(k, _)| k.clone()).collect(),
+        });
+        let sup = SupClient::new(self.sock_path(slot));
+        sup.claim(entry, row.deadline).await.map_err(from_client)?;
+        let row = SandboxRow { id: slot.to_string(), state: "running".into(), ..row.clone() };
+        self.reg.insert_sandbox(&row)?;
+        let (_tx, rx) = watch::channel(Ready::Up);
+        let live = Live::new(sup, rx);
+        *live.image_env.lock().unwrap() = Some(image_env);
+        self.live.lock().unwrap().insert(row.id.clone(), live);
+        Ok(self.view(&row, None))
+    }
+
     /// Builds the image if needed and starts the sandbox's supervisor.
-    async fn start(&self, row: SandboxRow, snap: Option<SnapshotMeta>) -> Result<()> {
+    async fn start(&self, row: SandboxRow, restore: Option<RestoreConfig>) -> Result<()> {
         let images = self.images.clone();
         let name = row.image.clone();
         let info = tokio::task::spawn_blocking(move || {
@@ -459,16 +524,14 @@ impl Engine {
             code: ErrorCode::SandboxStartingFailed,
             message: e.to_string(),
         })?;
-        let restore = match snap {
-            Some(s) => Some(self.restore_config(&s, &info.rootfs).await?),
-            None => None,
-        };
         let entry = (!row.cmd.is_empty() && restore.is_none()).then(|| ProcSpec {
             argv: row.cmd.clone(),
             env: merge_env(&[&info.env, &row.env]),
             cwd: row.workdir.clone().unwrap_or_else(|| "/".into()),
             mkdir_cwd: true,
+            over_secrets: row.env.iter().map(|(k, _)| k.clone()).collect(),
         });
+        let secret_env = self.secrets.take(&row.id);
         let launch = LaunchConfig {
             sandbox_id: row.id.clone(),
             runsc_bin: self.cfg.runsc_bin.clone(),
@@ -478,11 +541,14 @@ impl Engine {
             entry,
             deadline: row.deadline,
             restore,
+            volumes: self.volume_mounts(&row.id),
+            secrets_fd: secret_env.as_ref().map(|_| SECRETS_FD),
+            pooled: false,
         };
         let dir = self.sandbox_dir(&row.id);
         let sock = self.sock_path(&row.id);
         let exe = self.cfg.supervisor_exe.clone();
-        tokio::task::spawn_blocking(move || spawn_supervisor(&exe, &dir, &sock, &launch))
+        tokio::task::spawn_blocking(move || spawn_supervisor(&exe, &dir, &sock, &launch, secret_env))
             .await
             .map_err(|e| EngineError::Internal(e.to_string()))?
             .map_err(|e| EngineError::Internal(format!("cannot start the supervisor: {e}")))?;
@@ -629,12 +695,15 @@ impl Engine {
         let row = self.row(id)?;
         Ok(match pid {
             None => (row.state == "exited").then_some(row.exit_code),
-            Some(p) => self
-                .reg
-                .processes(id)?
-                .into_iter()
-                .find(|r| r.process_id == p)
-                .and_then(|r| r.exit_code.map(Some)),
+            Some(p) => {
+                // A live sandbox's cache knows every exit it recorded.
+                if let Some(live) = self.live(id) {
+                    if let Some(code) = live.recorded.lock().unwrap().get(&p) {
+                        return Ok(code.map(Some));
+                    }
+                }
+                self.reg.process_exit(id, p)?.map(Some)
+            }
         })
     }
 
@@ -652,6 +721,12 @@ impl Engine {
         let spec = ProcSpec {
             argv: req.cmd.clone(),
             env: merge_env(&[&image_env, &row.env, &exec_env]),
+            over_secrets: row
+                .env
+                .iter()
+                .chain(exec_env.iter())
+                .map(|(k, _)| k.clone())
+                .collect(),
             // The sandbox's own workdir is created if missing (an idle
             // sandbox has had no entry command to create it); any other
             // workdir of an exec must exist.
@@ -695,6 +770,9 @@ impl Engine {
 
     pub async fn processes(&self, id: &str) -> Result<Vec<api::Process>> {
         let row = self.row(id)?;
+        // A sandbox still starting has its processes (the entry command, or a
+        // restored snapshot's) as soon as its supervisor runs.
+        let _ = self.up(id).await;
         self.refresh(&row).await;
         Ok(self
             .reg
@@ -870,6 +948,7 @@ impl Engine {
                 image: row.image.clone(),
                 rootfs,
                 cpu: snapshots::cpu_signature(),
+                volumes: self.snapshot_volumes(id),
             },
             procs: info.procs,
             next_id: info.next_id,
@@ -952,14 +1031,19 @@ impl Engine {
     }
 }
 
+/// The fd on which a supervisor reads its sandbox's secrets.
+const SECRETS_FD: i32 = 4;
+
 /// Starts `exe supervise DIR` detached (own session), handing it the bound
 /// listening socket as fd 3, so the daemon can connect at once and can die
-/// without taking the supervisor along.
+/// without taking the supervisor along. Secrets go through a pipe on
+/// [`SECRETS_FD`], never through a file.
 fn spawn_supervisor(
     exe: &Path,
     dir: &Path,
     sock: &Path,
     launch: &LaunchConfig,
+    secrets: Option<Vec<(String, String)>>,
 ) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     std::fs::create_dir_all(dir)?;
@@ -981,11 +1065,21 @@ fn spawn_supervisor(
         .stdout(log.try_clone()?)
         .stderr(log);
     let fd = listener.as_raw_fd();
+    let secret_pipe = match &secrets {
+        Some(_) => Some(secrets::pipe_above(10)?),
+        None => None,
+    };
+    let secret_rd = secret_pipe.as_ref().map(|(r, _)| r.as_raw_fd());
     // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(rd) = secret_rd {
+                if libc::dup2(rd, SECRETS_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             if fd == gworker_supervisor::server::LISTENER_FD {
                 let flags = libc::fcntl(fd, libc::F_GETFD);
@@ -998,6 +1092,10 @@ fn spawn_supervisor(
     }
     let mut child = cmd.spawn()?;
     drop(listener);
+    if let (Some((rd, wr)), Some(env)) = (secret_pipe, secrets) {
+        drop(rd);
+        secrets::send(wr, &env)?;
+    }
     // Reap it whenever it ends, so it never lingers as a zombie of the daemon.
     std::thread::spawn(move || {
         let _ = child.wait();

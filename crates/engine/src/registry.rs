@@ -245,6 +245,19 @@ impl Registry {
             > 0)
     }
 
+    /// A process's recorded exit code (`None` while running or unknown).
+    pub fn process_exit(&self, sandbox_id: &str, process_id: u32) -> Result<Option<i32>, RegistryError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT exit_code FROM processes WHERE sandbox_id = ?1 AND process_id = ?2",
+                params![sandbox_id, process_id],
+                |r| r.get::<_, Option<i32>>(0),
+            )
+            .optional()?
+            .flatten())
+    }
+
     pub fn processes(&self, sandbox_id: &str) -> Result<Vec<ProcessRow>, RegistryError> {
         let conn = self.conn();
         let mut st = conn.prepare(

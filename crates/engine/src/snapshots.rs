@@ -20,6 +20,9 @@ pub struct Requirements {
     pub image: String,
     pub rootfs: PathBuf,
     pub cpu: String,
+    /// Mount path → volume name: a restore mounts the same volumes.
+    #[serde(default)]
+    pub volumes: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

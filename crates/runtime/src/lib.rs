@@ -208,6 +208,17 @@ pub struct BundleSpec {
     /// The static agent binary on the host.
     pub agent: PathBuf,
     pub hostname: String,
+    /// Host directories bind-mounted read-write (volumes).
+    pub mounts: Vec<BindMount>,
+}
+
+/// A host directory bind-mounted read-write into the sandbox. runsc's default
+/// `--file-access-mounts=shared` makes writes from other sandboxes and the
+/// host visible at once (no caching of the mount's files in the sentry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindMount {
+    pub source: PathBuf,
+    pub destination: String,
 }
 
 /// Docker's default capability set without CAP_NET_RAW: root inside the
@@ -231,7 +242,7 @@ const CAPABILITIES: &[&str] = &[
 /// The OCI runtime config for a sandbox.
 pub fn oci_config(spec: &BundleSpec) -> Value {
     let caps: Vec<&str> = CAPABILITIES.to_vec();
-    json!({
+    let mut v = json!({
         "ociVersion": "1.0.0",
         "process": {
             "terminal": false,
@@ -261,7 +272,14 @@ pub fn oci_config(spec: &BundleSpec) -> Value {
                 {"type": "uts"}, {"type": "mount"}
             ]
         }
-    })
+    });
+    if let Some(mounts) = v["mounts"].as_array_mut() {
+        for m in &spec.mounts {
+            mounts.push(json!({"destination": m.destination, "type": "bind",
+                "source": m.source, "options": ["rbind", "rw"]}));
+        }
+    }
+    v
 }
 
 /// Writes `config.json` into `dir` (created if needed).
@@ -301,6 +319,10 @@ mod tests {
             rootfs: "/img/rootfs".into(),
             agent: "/bin/agent".into(),
             hostname: "sb".into(),
+            mounts: vec![BindMount {
+                source: "/data/volumes/v/data".into(),
+                destination: "/mnt/v".into(),
+            }],
         });
         assert_eq!(v["process"]["args"][0], AGENT_PATH);
         assert_eq!(v["process"]["terminal"], false);
@@ -312,6 +334,14 @@ mod tests {
             .find(|m| m["destination"] == AGENT_PATH)
             .unwrap();
         assert_eq!(agent["options"], json!(["rbind", "ro"]));
+        let vol = v["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == "/mnt/v")
+            .unwrap();
+        assert_eq!(vol["source"], "/data/volumes/v/data");
+        assert_eq!(vol["options"], json!(["rbind", "rw"]));
         let caps = v["process"]["capabilities"]["bounding"].as_array().unwrap();
         assert!(!caps
             .iter()

@@ -154,6 +154,11 @@ impl SupClient {
         .map(|_| ())
     }
 
+    /// Hands a warm-pool sandbox to its user (see `Request::Claim`).
+    pub async fn claim(&self, entry: Option<ProcSpec>, deadline: f64) -> Result<(), ClientError> {
+        self.call(&Request::Claim { entry, deadline }).await.map(|_| ())
+    }
+
     /// Takes a memory checkpoint into `image_path`; the sandbox goes on.
     pub async fn checkpoint(&self, image_path: &Path) -> Result<CheckpointInfo, ClientError> {
         Self::parse(

@@ -6,6 +6,7 @@
 //! sandbox noticing. This crate must not know about HTTP or the registry.
 
 pub mod client;
+pub mod secrets;
 pub mod server;
 pub mod wire;
 

@@ -124,6 +124,12 @@ struct State {
     checkpointing: bool,
     /// The current `runsc run`/`restore` process.
     runsc_pid: Option<i32>,
+    /// Unix time at which the sandbox is killed (infinite for an unclaimed
+    /// warm-pool slot).
+    deadline: f64,
+    /// The entry command; for a pool slot, set by `Claim`.
+    entry: Option<ProcSpec>,
+    claimed: bool,
 }
 
 impl State {
@@ -227,6 +233,9 @@ pub fn main(dir: &Path) -> ! {
 
 fn run(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let cfg: LaunchConfig = serde_json::from_slice(&std::fs::read(dir.join("launch.json"))?)?;
+    if let Some(fd) = cfg.secrets_fd {
+        crate::secrets::load(fd)?;
+    }
     // SAFETY: the daemon passes the bound, listening socket as LISTENER_FD and
     // nothing else in this process owns it.
     let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(LISTENER_FD) };
@@ -250,6 +259,14 @@ async fn serve(
             rootfs: cfg.rootfs.clone(),
             agent: cfg.agent.clone(),
             hostname: "sandbox".into(),
+            mounts: cfg
+                .volumes
+                .iter()
+                .map(|v| gworker_runtime::BindMount {
+                    source: v.source.clone(),
+                    destination: v.destination.clone(),
+                })
+                .collect(),
         },
     )?;
     let runsc = gworker_runtime::Runsc::new(&cfg.runsc_bin, &cfg.runsc_root);
@@ -280,6 +297,9 @@ async fn serve(
             seq: 0,
             checkpointing: false,
             runsc_pid: None,
+            deadline: if cfg.pooled { f64::INFINITY } else { cfg.deadline },
+            entry: if cfg.pooled { None } else { cfg.entry.clone() },
+            claimed: !cfg.pooled,
         }),
         changed: Notify::new(),
         to_agent,
@@ -517,12 +537,8 @@ fn on_agent_msg(shared: &Arc<Shared>, m: AgentMsg) {
             }
             if st.phase == Phase::Starting {
                 st.phase = Phase::Running;
-                if let Some(entry) = shared.cfg.entry.clone() {
-                    st.procs.insert(0, new_proc(&entry));
-                    let (tx, rx) = oneshot::channel();
-                    st.pending.insert(0, tx);
-                    shared.send(spawn_msg(0, &entry));
-                    tokio::spawn(entry_spawn_result(shared.clone(), rx));
+                if let Some(entry) = st.entry.clone() {
+                    start_entry(shared, &mut st, &entry);
                 }
             }
         }
@@ -580,6 +596,37 @@ fn on_agent_msg(shared: &Arc<Shared>, m: AgentMsg) {
     shared.changed.notify_waiters();
 }
 
+/// Starts the entry command as process 0 (the agent is up).
+fn start_entry(shared: &Arc<Shared>, st: &mut State, entry: &ProcSpec) {
+    st.procs.insert(0, new_proc(entry));
+    let (tx, rx) = oneshot::channel();
+    st.pending.insert(0, tx);
+    shared.send(spawn_msg(0, entry));
+    tokio::spawn(entry_spawn_result(shared.clone(), rx));
+}
+
+/// Gives a warm-pool sandbox to its user.
+async fn claim(shared: &Arc<Shared>, entry: Option<ProcSpec>, deadline: f64) -> Result<serde_json::Value, SupError> {
+    wait_running(shared).await?;
+    {
+        let mut st = shared.lock();
+        if st.claimed {
+            return Err(SupError::new("conflict", "this sandbox was already claimed"));
+        }
+        if st.phase != Phase::Running || st.stopping {
+            return Err(not_running());
+        }
+        st.claimed = true;
+        st.deadline = deadline;
+        st.entry = entry.clone();
+        if let Some(e) = &entry {
+            start_entry(shared, &mut st, e);
+        }
+    }
+    shared.changed.notify_waiters();
+    Ok(serde_json::Value::Null)
+}
+
 fn new_proc(spec: &ProcSpec) -> Proc {
     Proc {
         argv: spec.argv.clone(),
@@ -598,7 +645,7 @@ fn spawn_msg(pid: u32, spec: &ProcSpec) -> HostMsg {
             0
         },
         argv: spec.argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
-        env: spec.env.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        env: crate::secrets::env_for(spec),
         cwd: spec.cwd.as_bytes().to_vec(),
     })
 }
@@ -715,9 +762,16 @@ fn log_tail(path: &Path) -> String {
 }
 
 async fn deadline_timer(shared: Arc<Shared>) {
-    let left = shared.cfg.deadline - now();
-    if left > 0.0 {
-        tokio::time::sleep(Duration::from_secs_f64(left)).await;
+    loop {
+        let notified = shared.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let left = shared.lock().deadline - now();
+        if left <= 0.0 {
+            break;
+        }
+        // A claim moves the deadline: wake on changes, re-check at least hourly.
+        let _ = tokio::time::timeout(Duration::from_secs_f64(left.min(3600.0)), notified).await;
     }
     kill_sandbox(&shared, "timeout");
 }
@@ -773,6 +827,7 @@ async fn handle_conn(shared: Arc<Shared>, conn: UnixStream) {
             with_running_proc(&shared, id, || HostMsg::Signal { pid: id, signo })
         }
         Request::Checkpoint { image_path } => checkpoint(&shared, image_path).await,
+        Request::Claim { entry, deadline } => claim(&shared, entry, deadline).await,
         Request::Kill { reason } => {
             kill_sandbox(&shared, &reason);
             Ok(serde_json::Value::Null)

@@ -24,6 +24,24 @@ pub struct LaunchConfig {
     /// Restore this checkpoint instead of a cold start (`entry` is then unused).
     #[serde(default)]
     pub restore: Option<RestoreConfig>,
+    /// A warm-pool slot: boot and wait, with no deadline, until a `Claim`
+    /// gives the sandbox its entry command and deadline.
+    #[serde(default)]
+    pub pooled: bool,
+    /// Volumes: host directories bind-mounted read-write.
+    #[serde(default)]
+    pub volumes: Vec<VolumeMount>,
+    /// The daemon writes the sandbox's secret environment (JSON list of
+    /// `[name, value]`) to this inherited fd; the supervisor reads it once,
+    /// before anything else, and keeps it in memory only (never on disk).
+    #[serde(default)]
+    pub secrets_fd: Option<i32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeMount {
+    pub source: PathBuf,
+    pub destination: String,
 }
 
 /// A checkpoint to restore and the process table that goes with it.
@@ -65,6 +83,11 @@ pub struct ProcSpec {
     pub cwd: String,
     /// Create `cwd` if it is missing.
     pub mkdir_cwd: bool,
+    /// Names in `env` that win over the sandbox's secrets (the sandbox's and
+    /// the exec's own `env=`); the supervisor applies every other secret over
+    /// `env`.
+    #[serde(default)]
+    pub over_secrets: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -106,6 +129,9 @@ pub enum Request {
     Kill {
         reason: String,
     },
+    /// Hands a warm-pool sandbox to its user: its entry command (if any)
+    /// starts and its deadline runs from now on. Only once.
+    Claim { entry: Option<ProcSpec>, deadline: f64 },
     /// Writes a memory checkpoint to `image_path`; the sandbox goes on running.
     Checkpoint {
         image_path: PathBuf,

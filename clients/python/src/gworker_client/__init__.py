@@ -22,6 +22,7 @@ from .exceptions import (
     GworkerError,
     InternalError,
     InvalidRequestError,
+    NoSpaceError,
     NotFoundError,
     NotSupportedError,
     OutputDiscardedError,
@@ -39,7 +40,7 @@ from .exceptions import (
 from .image import Image
 from .sandbox import Sandbox, SandboxProcess, SandboxSnapshot
 from .secret import Secret
-from .volume import Volume
+from .volume import Volume, VolumeEntry
 
 __version__ = "0.1.0"
 
@@ -50,6 +51,7 @@ __all__ = [
     "Image",
     "Secret",
     "Volume",
+    "VolumeEntry",
     "StreamReader",
     "StreamWriter",
     "default_socket_path",
@@ -67,6 +69,7 @@ __all__ = [
     "OutputDiscardedError",
     "PayloadTooLargeError",
     "ConflictError",
+    "NoSpaceError",
     "SnapshotError",
     "SnapshotFailedError",
     "SnapshotCorruptError",

@@ -129,6 +129,12 @@ class ConflictError(GworkerError):
     default_code = "conflict"
 
 
+class NoSpaceError(GworkerError, OSError):
+    """A write into a volume went over its quota (or the host disk is full)."""
+
+    default_code = "no_space"
+
+
 class SnapshotError(GworkerError):
     """Base class of the errors about snapshots."""
 
@@ -184,6 +190,7 @@ _BY_CODE: Dict[str, Type[GworkerError]] = {
         OutputDiscardedError,
         PayloadTooLargeError,
         ConflictError,
+        NoSpaceError,
         SnapshotFailedError,
         SnapshotCorruptError,
         SnapshotIncompatibleError,

@@ -1,0 +1,170 @@
+//! The warm pool: pre-booted sandboxes per image, so that `create` claims a
+//! running sandbox and only applies what is per-sandbox (entry command, env,
+//! workdir, deadline) instead of booting gVisor.
+//!
+//! Rules:
+//! - A slot is used once: a claimed sandbox is the user's for good, and a slot
+//!   never held anyone's processes or files before (it is a fresh boot that ran
+//!   nothing), so a claimed sandbox is indistinguishable from a cold one.
+//! - Slots are not in the registry until claimed; after a daemon restart,
+//!   unclaimed slots (sandbox directories the registry does not know) are
+//!   shut down and removed, and the pool is filled anew.
+//! - Only sandboxes without volumes, secrets or a snapshot come from the pool;
+//!   the others start cold.
+//! - The pool never holds more than its memory budget (each idle sandbox costs
+//!   about [`SLOT_COST_MB`] of host memory).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gworker_supervisor::{LaunchConfig, Phase, SupClient};
+
+use crate::{new_id, spawn_supervisor, Engine};
+
+/// Approximate host memory of one idle sandbox (sentry + gofer + supervisor).
+pub const SLOT_COST_MB: u64 = 50;
+
+#[derive(Debug, Clone, Default)]
+pub struct PoolConfig {
+    /// Warm sandboxes to keep per image.
+    pub sizes: BTreeMap<String, usize>,
+    /// Most memory the pool may hold, in MiB.
+    pub memory_budget_mb: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Pool {
+    pub(crate) cfg: PoolConfig,
+    ready: Mutex<HashMap<String, VecDeque<String>>>,
+    starting: Mutex<HashMap<String, usize>>,
+}
+
+impl Pool {
+    pub(crate) fn new(cfg: PoolConfig) -> Pool {
+        Pool { cfg, ..Default::default() }
+    }
+
+    fn total(&self) -> usize {
+        self.ready.lock().unwrap().values().map(|q| q.len()).sum::<usize>()
+            + self.starting.lock().unwrap().values().sum::<usize>()
+    }
+
+    /// Takes a ready slot's sandbox ID for `image`.
+    pub(crate) fn take(&self, image: &str) -> Option<String> {
+        self.ready.lock().unwrap().get_mut(image)?.pop_front()
+    }
+
+    pub(crate) fn ready_count(&self, image: &str) -> usize {
+        self.ready.lock().unwrap().get(image).map_or(0, |q| q.len())
+    }
+}
+
+impl Engine {
+    /// Keeps the pool filled, in the background, one slot at a time per image.
+    pub fn start_pool(self: &Arc<Self>) {
+        if self.pool.cfg.sizes.values().all(|n| *n == 0) {
+            return;
+        }
+        let engine = self.clone();
+        tokio::spawn(async move {
+            loop {
+                engine.fill_pool().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+    }
+
+    async fn fill_pool(self: &Arc<Self>) {
+        let budget_slots = (self.pool.cfg.memory_budget_mb / SLOT_COST_MB) as usize;
+        for (image, want) in &self.pool.cfg.sizes {
+            let have = self.pool.ready_count(image) + self.pool.starting.lock().unwrap().get(image).copied().unwrap_or(0);
+            if have >= *want || self.pool.total() >= budget_slots {
+                continue;
+            }
+            *self.pool.starting.lock().unwrap().entry(image.clone()).or_default() += 1;
+            let engine = self.clone();
+            let image = image.clone();
+            tokio::spawn(async move {
+                let res = engine.boot_slot(&image).await;
+                *engine.pool.starting.lock().unwrap().entry(image.clone()).or_default() -= 1;
+                match res {
+                    Ok(id) => engine.pool.ready.lock().unwrap().entry(image).or_default().push_back(id),
+                    Err(e) => {
+                        tracing::warn!(image = %image, error = %e, "warm pool: slot failed to boot");
+                        // Do not spin on a broken image.
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                }
+            });
+        }
+    }
+
+    /// Boots one unclaimed sandbox and waits until its agent is up.
+    async fn boot_slot(&self, image: &str) -> Result<String, String> {
+        let images = self.images.clone();
+        let name = image.to_string();
+        let info = tokio::task::spawn_blocking(move || images.ensure(&name, &mut |_| {}))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let id = new_id();
+        let launch = LaunchConfig {
+            sandbox_id: id.clone(),
+            runsc_bin: self.cfg.runsc_bin.clone(),
+            runsc_root: self.cfg.data_dir.join("runsc"),
+            rootfs: info.rootfs,
+            agent: self.cfg.agent.clone(),
+            entry: None,
+            // Ignored until the claim sets it (JSON has no infinity).
+            deadline: 0.0,
+            restore: None,
+            volumes: Vec::new(),
+            secrets_fd: None,
+            pooled: true,
+        };
+        let dir = self.sandbox_dir(&id);
+        let sock = self.sock_path(&id);
+        let exe = self.cfg.supervisor_exe.clone();
+        let (d2, s2) = (dir.clone(), sock.clone());
+        tokio::task::spawn_blocking(move || spawn_supervisor(&exe, &d2, &s2, &launch, None))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let sup = SupClient::new(&sock);
+        let start = std::time::Instant::now();
+        loop {
+            match sup.status().await {
+                Ok(st) if st.phase == Phase::Running => return Ok(id),
+                Ok(st) if st.phase == Phase::Exited => break,
+                _ if start.elapsed() > Duration::from_secs(60) => break,
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+        self.discard_slot(&id).await;
+        Err("the sandbox did not come up".into())
+    }
+
+    /// Shuts down an unclaimed (or failed) slot and removes its files.
+    pub(crate) async fn discard_slot(&self, id: &str) {
+        let _ = SupClient::new(self.sock_path(id)).shutdown().await;
+        let _ = std::fs::remove_file(self.sock_path(id));
+        let _ = std::fs::remove_dir_all(self.sandbox_dir(id));
+    }
+
+    /// Removes sandboxes the registry does not know: unclaimed pool slots of
+    /// an earlier daemon, or a create cut short by a crash.
+    pub async fn remove_orphans(&self) {
+        let Ok(entries) = std::fs::read_dir(self.cfg.data_dir.join("sandboxes")) else { return };
+        for e in entries.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            if crate::check_id(&id).is_err() {
+                continue;
+            }
+            if matches!(self.reg.get_sandbox(&id), Ok(None)) {
+                tracing::info!(sandbox = %id, "removing an orphaned sandbox (unclaimed pool slot or interrupted create)");
+                self.discard_slot(&id).await;
+            }
+        }
+    }
+}
