@@ -16,6 +16,7 @@ struct Daemon {
     child: Option<Child>,
     dir: PathBuf,
     sock: PathBuf,
+    extra: Vec<String>,
 }
 
 fn bin() -> PathBuf {
@@ -43,6 +44,10 @@ fn runsc_available() -> bool {
 
 impl Daemon {
     fn start(name: &str) -> Option<Daemon> {
+        Daemon::start_with(name, &[])
+    }
+
+    fn start_with(name: &str, extra: &[&str]) -> Option<Daemon> {
         if !runsc_available() {
             eprintln!("runsc not installed: skipping");
             return None;
@@ -55,6 +60,7 @@ impl Daemon {
             child: None,
             dir,
             sock,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         d.spawn();
         Some(d)
@@ -74,6 +80,7 @@ impl Daemon {
             .arg(&self.sock)
             .arg("--agent")
             .arg(agent())
+            .args(&self.extra)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -320,7 +327,8 @@ fn bad_input_gets_4xx_with_stable_codes() {
         (
             "POST",
             "/v1/sandboxes".into(),
-            br#"{"image":"busybox","volumes":{"data":{"name":"v","create_if_missing":true}}}"#.to_vec(),
+            br#"{"image":"busybox","volumes":{"data":{"name":"v","create_if_missing":true}}}"#
+                .to_vec(),
             400,
             "invalid_request",
         ),
@@ -730,4 +738,105 @@ fn tcp_listener_requires_the_token() {
     child.kill().unwrap();
     child.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Sandbox directories on disk (registered sandboxes and pool slots).
+fn sandbox_dirs(d: &Daemon) -> Vec<String> {
+    std::fs::read_dir(d.dir.join("data/sandboxes"))
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn warm_pool_claims_fresh_sandboxes_and_refills() {
+    let Some(mut d) = Daemon::start_with("pool", &["--pool", "busybox=2"]) else {
+        return;
+    };
+    wait_for("two pool slots", || sandbox_dirs(&d).len() == 2);
+    // Slots are not sandboxes of anyone: the API lists none.
+    assert_eq!(
+        d.json("GET", "/v1/sandboxes", "")["sandboxes"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    let slots = sandbox_dirs(&d);
+    std::thread::sleep(Duration::from_millis(500)); // let the slots finish booting
+    let s = d.json("POST", "/v1/sandboxes", r#"{"image":"busybox","timeout":60,"cmd":["sh","-c","ls /tmp; echo fresh; exit 4"],"env":{"K":"v"},"workdir":"/w"}"#);
+    let id = s["sandbox_id"].as_str().unwrap().to_string();
+    assert!(slots.contains(&id), "the sandbox came from the pool");
+    assert_eq!(
+        s["state"], "running",
+        "a claimed sandbox is running at once"
+    );
+    assert_eq!(
+        d.json("GET", &format!("/v1/sandboxes/{id}/wait?timeout=30"), "")["exit_code"],
+        4
+    );
+    let out = d.req("GET", &format!("/v1/sandboxes/{id}/processes/0/stdout"), "");
+    assert_eq!(out.body, b"fresh\n", "nothing left in /tmp from the pool");
+    // Per-sandbox settings were applied at claim time.
+    let idle = d.json(
+        "POST",
+        "/v1/sandboxes",
+        r#"{"image":"busybox","timeout":60,"env":{"K":"v2"},"workdir":"/w2"}"#,
+    );
+    let iid = idle["sandbox_id"].as_str().unwrap().to_string();
+    let p = d.json(
+        "POST",
+        &format!("/v1/sandboxes/{iid}/exec"),
+        r#"{"cmd":["sh","-c","echo $K; pwd"]}"#,
+    );
+    let out = d.req(
+        "GET",
+        &format!("/v1/sandboxes/{iid}/processes/{}/stdout", p["process_id"]),
+        "",
+    );
+    assert_eq!(String::from_utf8_lossy(&out.body), "v2\n/w2\n");
+    // The pool refills: two new slots beside the two claimed sandboxes.
+    wait_for("the pool to refill", || sandbox_dirs(&d).len() == 4);
+    // A claimed sandbox's timeout runs from the claim.
+    let short = d.json(
+        "POST",
+        "/v1/sandboxes",
+        r#"{"image":"busybox","timeout":1}"#,
+    );
+    let sid = short["sandbox_id"].as_str().unwrap().to_string();
+    let w = d.json("GET", &format!("/v1/sandboxes/{sid}/wait?timeout=20"), "");
+    assert_eq!(w["exit_code"], 137);
+    // After a restart without a pool, unclaimed slots are removed; sandboxes stay.
+    d.kill9();
+    d.extra.clear();
+    d.spawn();
+    wait_for("orphaned slots to go", || {
+        let dirs = sandbox_dirs(&d);
+        dirs.len() == 3 && dirs.contains(&id) && dirs.contains(&iid) && dirs.contains(&sid)
+    });
+    let p = d.json(
+        "POST",
+        &format!("/v1/sandboxes/{iid}/exec"),
+        r#"{"cmd":["echo","still"]}"#,
+    );
+    let out = d.req(
+        "GET",
+        &format!("/v1/sandboxes/{iid}/processes/{}/stdout", p["process_id"]),
+        "",
+    );
+    assert_eq!(out.body, b"still\n");
 }

@@ -42,11 +42,19 @@ pub(crate) struct Pool {
 
 impl Pool {
     pub(crate) fn new(cfg: PoolConfig) -> Pool {
-        Pool { cfg, ..Default::default() }
+        Pool {
+            cfg,
+            ..Default::default()
+        }
     }
 
     fn total(&self) -> usize {
-        self.ready.lock().unwrap().values().map(|q| q.len()).sum::<usize>()
+        self.ready
+            .lock()
+            .unwrap()
+            .values()
+            .map(|q| q.len())
+            .sum::<usize>()
             + self.starting.lock().unwrap().values().sum::<usize>()
     }
 
@@ -78,18 +86,45 @@ impl Engine {
     async fn fill_pool(self: &Arc<Self>) {
         let budget_slots = (self.pool.cfg.memory_budget_mb / SLOT_COST_MB) as usize;
         for (image, want) in &self.pool.cfg.sizes {
-            let have = self.pool.ready_count(image) + self.pool.starting.lock().unwrap().get(image).copied().unwrap_or(0);
+            let have = self.pool.ready_count(image)
+                + self
+                    .pool
+                    .starting
+                    .lock()
+                    .unwrap()
+                    .get(image)
+                    .copied()
+                    .unwrap_or(0);
             if have >= *want || self.pool.total() >= budget_slots {
                 continue;
             }
-            *self.pool.starting.lock().unwrap().entry(image.clone()).or_default() += 1;
+            *self
+                .pool
+                .starting
+                .lock()
+                .unwrap()
+                .entry(image.clone())
+                .or_default() += 1;
             let engine = self.clone();
             let image = image.clone();
             tokio::spawn(async move {
                 let res = engine.boot_slot(&image).await;
-                *engine.pool.starting.lock().unwrap().entry(image.clone()).or_default() -= 1;
+                *engine
+                    .pool
+                    .starting
+                    .lock()
+                    .unwrap()
+                    .entry(image.clone())
+                    .or_default() -= 1;
                 match res {
-                    Ok(id) => engine.pool.ready.lock().unwrap().entry(image).or_default().push_back(id),
+                    Ok(id) => engine
+                        .pool
+                        .ready
+                        .lock()
+                        .unwrap()
+                        .entry(image)
+                        .or_default()
+                        .push_back(id),
                     Err(e) => {
                         tracing::warn!(image = %image, error = %e, "warm pool: slot failed to boot");
                         // Do not spin on a broken image.
@@ -155,7 +190,9 @@ impl Engine {
     /// Removes sandboxes the registry does not know: unclaimed pool slots of
     /// an earlier daemon, or a create cut short by a crash.
     pub async fn remove_orphans(&self) {
-        let Ok(entries) = std::fs::read_dir(self.cfg.data_dir.join("sandboxes")) else { return };
+        let Ok(entries) = std::fs::read_dir(self.cfg.data_dir.join("sandboxes")) else {
+            return;
+        };
         for e in entries.flatten() {
             let id = e.file_name().to_string_lossy().into_owned();
             if crate::check_id(&id).is_err() {
