@@ -45,6 +45,12 @@ pub struct CreateOptions {
     pub secrets: Vec<crate::Secret>,
     /// Volumes by absolute mount path; see [`crate::Volume::mount`].
     pub volumes: BTreeMap<String, gworker_api::VolumeRef>,
+    /// CPU limit in cores (daemon default if `None`).
+    pub cpu: Option<f64>,
+    /// Memory limit in MiB (daemon default if `None`).
+    pub memory: Option<u64>,
+    /// Process limit (daemon default if `None`).
+    pub max_processes: Option<u64>,
 }
 
 /// Options of [`Sandbox::exec`].
@@ -125,6 +131,9 @@ impl Sandbox {
             snapshot: opts
                 .snapshot
                 .map(|s| gworker_api::SnapshotRef { snapshot_id: s.id }),
+            cpu: opts.cpu,
+            memory: opts.memory,
+            max_processes: opts.max_processes,
         };
         let sb: gworker_api::Sandbox = client.post_json("/v1/sandboxes", &body).await?;
         Ok(Sandbox {

@@ -45,6 +45,17 @@ pub struct CreateSandbox {
     /// See `docs/volumes.md`.
     #[serde(default)]
     pub volumes: Option<BTreeMap<String, VolumeRef>>,
+    /// CPU limit in cores, fractional (default and maximum: the daemon's config).
+    #[serde(default)]
+    pub cpu: Option<f64>,
+    /// Memory limit in MiB for the whole sandbox (its processes, files written
+    /// to its root filesystem, and gVisor itself). Going over kills the
+    /// sandbox with reason `oom`.
+    #[serde(default)]
+    pub memory: Option<u64>,
+    /// Most processes and threads inside the sandbox.
+    #[serde(default)]
+    pub max_processes: Option<u64>,
     /// Restore this snapshot instead of a cold start: its processes go on
     /// running. `image` may be omitted (it must match the snapshot's).
     #[serde(default)]
@@ -204,6 +215,13 @@ pub struct Sandbox {
     pub workdir: Option<String>,
     /// Process id of the entry command (0), or null for an idle sandbox.
     pub entry_process_id: Option<u32>,
+    /// The limits in force: cores, MiB, processes (null: unlimited).
+    #[serde(default)]
+    pub cpu: Option<f64>,
+    #[serde(default)]
+    pub memory: Option<u64>,
+    #[serde(default)]
+    pub max_processes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -35,17 +35,39 @@ pub struct ServeArgs {
     /// Most host memory (MiB) the warm pool may hold (~50 MiB a sandbox).
     #[arg(long, default_value_t = 2048)]
     pool_memory_mb: u64,
+    /// Memory limit (MiB) of a sandbox that asks for none.
+    #[arg(long, default_value_t = 2048)]
+    default_memory: u64,
+    /// Most memory (MiB) a sandbox may ask for.
+    #[arg(long, default_value_t = 16384)]
+    max_memory: u64,
+    /// CPU limit (cores) of a sandbox that asks for none (default: unlimited).
+    #[arg(long)]
+    default_cpu: Option<f64>,
+    /// Most cores a sandbox may ask for.
+    #[arg(long)]
+    max_cpu: Option<f64>,
+    /// Process limit of a sandbox that asks for none.
+    #[arg(long, default_value_t = 4096)]
+    default_max_processes: u64,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
 }
 
 fn parse_pool(s: &str) -> Result<(String, usize), String> {
-    let (image, n) = s.split_once('=').ok_or_else(|| format!("expected IMAGE=N, got {s:?}"))?;
+    let (image, n) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected IMAGE=N, got {s:?}"))?;
     if !gworker_images::ImageStore::is_known(image) {
-        return Err(format!("unknown image {image:?}; known: {}", gworker_images::BUILTIN_IMAGES.join(", ")));
+        return Err(format!(
+            "unknown image {image:?}; known: {}",
+            gworker_images::BUILTIN_IMAGES.join(", ")
+        ));
     }
-    let n = n.parse().map_err(|_| format!("expected a number of sandboxes after '=', got {n:?}"))?;
+    let n = n
+        .parse()
+        .map_err(|_| format!("expected a number of sandboxes after '=', got {n:?}"))?;
     Ok((image.to_string(), n))
 }
 
@@ -118,6 +140,20 @@ pub fn serve(a: ServeArgs) -> ExitCode {
             pool: gworker_engine::pool::PoolConfig {
                 sizes: a.pool.into_iter().collect(),
                 memory_budget_mb: a.pool_memory_mb,
+            },
+            default_limits: gworker_runtime::Limits {
+                cpu: a.default_cpu,
+                memory_mb: Some(a.default_memory),
+                max_processes: Some(a.default_max_processes),
+            },
+            max_limits: gworker_runtime::Limits {
+                cpu: a.max_cpu.or(Some(
+                    std::thread::available_parallelism()
+                        .map(|n| n.get() as f64)
+                        .unwrap_or(1.0),
+                )),
+                memory_mb: Some(a.max_memory),
+                max_processes: Some(65536),
             },
         },
         socket: a.socket.unwrap_or_else(gworker_api::default_socket_path),

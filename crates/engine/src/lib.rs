@@ -11,9 +11,9 @@
 //! - Killing the daemon loses nothing: supervisors are in their own session and
 //!   are found again through their socket in the data directory.
 
+pub mod pool;
 pub mod registry;
 pub mod secrets;
-pub mod pool;
 pub mod snapshots;
 pub mod volumes;
 
@@ -95,6 +95,10 @@ pub struct EngineConfig {
     pub retention: Duration,
     /// Warm pool sizes and memory budget (empty: no pool).
     pub pool: pool::PoolConfig,
+    /// Limits of a sandbox that asks for none.
+    pub default_limits: gworker_runtime::Limits,
+    /// Most a sandbox may ask for (`None`: no maximum).
+    pub max_limits: gworker_runtime::Limits,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -423,11 +427,14 @@ impl Engine {
             None => None,
         };
         // Unknown secret or volume names fail here, before the sandbox exists.
-        let secret_env = self.secrets.resolve(req.secrets.as_deref().unwrap_or(&[]))?;
+        let secret_env = self
+            .secrets
+            .resolve(req.secrets.as_deref().unwrap_or(&[]))?;
         let mounts = self.resolve_volumes(
             req.volumes.as_ref(),
             snap.as_ref().map(|s| &s.requires.volumes),
         )?;
+        let limits = self.limits(req.cpu, req.memory, req.max_processes)?;
         let created_at = now();
         // Plain sandboxes come from the warm pool when it has one ready.
         let slot = if restore.is_none() && mounts.is_empty() && secret_env.is_empty() {
@@ -449,6 +456,7 @@ impl Engine {
             reason: None,
             message: None,
             exited_at: None,
+            limits,
         };
         if let Some(slot) = slot {
             match self.claim_slot(&slot, &row).await {
@@ -489,10 +497,60 @@ impl Engine {
         Ok(self.view(&row, None))
     }
 
+    /// The request's limits, with the daemon's defaults and maximums.
+    fn limits(
+        &self,
+        cpu: Option<f64>,
+        memory: Option<u64>,
+        procs: Option<u64>,
+    ) -> Result<gworker_runtime::Limits> {
+        let (d, m) = (&self.cfg.default_limits, &self.cfg.max_limits);
+        let l = gworker_runtime::Limits {
+            cpu: cpu.or(d.cpu),
+            memory_mb: memory.or(d.memory_mb),
+            max_processes: procs.or(d.max_processes),
+        };
+        if let Some(c) = l.cpu {
+            if !(c.is_finite() && c >= 0.01) || m.cpu.is_some_and(|max| c > max) {
+                return Err(EngineError::Invalid(format!(
+                    "cpu must be a number of cores from 0.01{}, got {c}",
+                    m.cpu.map(|x| format!(" to {x}")).unwrap_or_default()
+                )));
+            }
+        }
+        if let Some(mem) = l.memory_mb {
+            if mem < 64 || m.memory_mb.is_some_and(|max| mem > max) {
+                return Err(EngineError::Invalid(format!(
+                    "memory must be from 64 MiB{}, got {mem}",
+                    m.memory_mb
+                        .map(|x| format!(" to {x} MiB"))
+                        .unwrap_or_default()
+                )));
+            }
+        }
+        if let Some(p) = l.max_processes {
+            if p < 1 || m.max_processes.is_some_and(|max| p > max) {
+                return Err(EngineError::Invalid(format!(
+                    "max_processes must be from 1{}, got {p}",
+                    m.max_processes
+                        .map(|x| format!(" to {x}"))
+                        .unwrap_or_default()
+                )));
+            }
+        }
+        Ok(l)
+    }
+
     /// Gives a warm-pool sandbox the request's entry command and deadline,
     /// then registers it under the slot's ID.
     async fn claim_slot(&self, slot: &str, row: &SandboxRow) -> Result<api::Sandbox> {
-        let image_env = self.images.ready(&row.image).ok().flatten().map(|i| i.env).unwrap_or_default();
+        let image_env = self
+            .images
+            .ready(&row.image)
+            .ok()
+            .flatten()
+            .map(|i| i.env)
+            .unwrap_or_default();
         let entry = (!row.cmd.is_empty()).then(|| ProcSpec {
             argv: row.cmd.clone(),
             env: merge_env(&[&image_env, &row.env]),
@@ -501,8 +559,14 @@ impl Engine {
             over_secrets: row.env.iter().map(|(k, _)| k.clone()).collect(),
         });
         let sup = SupClient::new(self.sock_path(slot));
-        sup.claim(entry, row.deadline).await.map_err(from_client)?;
-        let row = SandboxRow { id: slot.to_string(), state: "running".into(), ..row.clone() };
+        sup.claim(entry, row.deadline, row.limits.clone())
+            .await
+            .map_err(from_client)?;
+        let row = SandboxRow {
+            id: slot.to_string(),
+            state: "running".into(),
+            ..row.clone()
+        };
         self.reg.insert_sandbox(&row)?;
         let (_tx, rx) = watch::channel(Ready::Up);
         let live = Live::new(sup, rx);
@@ -544,14 +608,17 @@ impl Engine {
             volumes: self.volume_mounts(&row.id),
             secrets_fd: secret_env.as_ref().map(|_| SECRETS_FD),
             pooled: false,
+            limits: row.limits.clone(),
         };
         let dir = self.sandbox_dir(&row.id);
         let sock = self.sock_path(&row.id);
         let exe = self.cfg.supervisor_exe.clone();
-        tokio::task::spawn_blocking(move || spawn_supervisor(&exe, &dir, &sock, &launch, secret_env))
-            .await
-            .map_err(|e| EngineError::Internal(e.to_string()))?
-            .map_err(|e| EngineError::Internal(format!("cannot start the supervisor: {e}")))?;
+        tokio::task::spawn_blocking(move || {
+            spawn_supervisor(&exe, &dir, &sock, &launch, secret_env)
+        })
+        .await
+        .map_err(|e| EngineError::Internal(e.to_string()))?
+        .map_err(|e| EngineError::Internal(format!("cannot start the supervisor: {e}")))?;
         self.reg.set_state(&row.id, "running")?;
         Ok(())
     }
@@ -574,6 +641,9 @@ impl Engine {
             cmd: row.cmd.clone(),
             workdir: row.workdir.clone(),
             entry_process_id: (!row.cmd.is_empty()).then_some(0),
+            cpu: row.limits.cpu,
+            memory: row.limits.memory_mb,
+            max_processes: row.limits.max_processes,
         };
         if s.state == api::SandboxState::Running && status.is_none() && row.state == "starting" {
             s.state = api::SandboxState::Starting;

@@ -157,6 +157,7 @@ impl Engine {
             volumes: Vec::new(),
             secrets_fd: None,
             pooled: true,
+            limits: self.cfg.default_limits.clone(),
         };
         let dir = self.sandbox_dir(&id);
         let sock = self.sock_path(&id);

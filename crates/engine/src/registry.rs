@@ -28,6 +28,7 @@ pub struct SandboxRow {
     pub reason: Option<String>,
     pub message: Option<String>,
     pub exited_at: Option<f64>,
+    pub limits: gworker_runtime::Limits,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -95,11 +96,15 @@ fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
         reason: r.get(10)?,
         message: r.get(11)?,
         exited_at: r.get(12)?,
+        limits: r
+            .get::<_, Option<String>>(13)?
+            .and_then(|l| serde_json::from_str(&l).ok())
+            .unwrap_or_default(),
     })
 }
 
 const SANDBOX_COLS: &str =
-    "id, image, cmd, env, workdir, created_at, timeout, deadline, state, exit_code, reason, message, exited_at";
+    "id, image, cmd, env, workdir, created_at, timeout, deadline, state, exit_code, reason, message, exited_at, limits";
 
 impl Registry {
     pub fn open(path: &Path) -> Result<Registry, RegistryError> {
@@ -109,6 +114,8 @@ impl Registry {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        // Added after the first release of the schema: ignore "duplicate column".
+        let _ = conn.execute("ALTER TABLE sandboxes ADD COLUMN limits TEXT", []);
         Ok(Registry {
             conn: Mutex::new(conn),
         })
@@ -121,10 +128,11 @@ impl Registry {
     pub fn insert_sandbox(&self, s: &SandboxRow) -> Result<(), RegistryError> {
         let env = serde_json::to_string(&s.env).expect("env serializes");
         self.conn().execute(
-            &format!("INSERT INTO sandboxes ({SANDBOX_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)"),
+            &format!("INSERT INTO sandboxes ({SANDBOX_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)"),
             params![
                 s.id, s.image, json_list(&s.cmd), env, s.workdir, s.created_at, s.timeout, s.deadline,
                 s.state, s.exit_code, s.reason, s.message, s.exited_at
+            , serde_json::to_string(&s.limits).expect("limits serialize")
             ],
         )?;
         Ok(())
@@ -246,7 +254,11 @@ impl Registry {
     }
 
     /// A process's recorded exit code (`None` while running or unknown).
-    pub fn process_exit(&self, sandbox_id: &str, process_id: u32) -> Result<Option<i32>, RegistryError> {
+    pub fn process_exit(
+        &self,
+        sandbox_id: &str,
+        process_id: u32,
+    ) -> Result<Option<i32>, RegistryError> {
         Ok(self
             .conn()
             .query_row(
@@ -298,6 +310,7 @@ mod tests {
             reason: None,
             message: None,
             exited_at: None,
+            limits: Default::default(),
         }
     }
 

@@ -64,9 +64,8 @@ fn not_found(name: &str) -> EngineError {
 /// Reads the key, creating it (0600) on first start.
 fn load_key(data_dir: &Path) -> Result<[u8; 32]> {
     let path = data_dir.join(KEY_FILE);
-    let err = |e: std::io::Error| {
-        EngineError::Internal(format!("secrets key {}: {e}", path.display()))
-    };
+    let err =
+        |e: std::io::Error| EngineError::Internal(format!("secrets key {}: {e}", path.display()));
     match std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -58,7 +58,9 @@ fn io_err(what: &str, e: std::io::Error) -> EngineError {
             message: format!("{what}: the volume is full (its quota, or the host disk)"),
         },
         Some(libc::ENOENT) => EngineError::NotFound(format!("{what}: no such file or directory")),
-        Some(libc::ENOTDIR) => EngineError::Invalid(format!("{what}: a path component is not a directory")),
+        Some(libc::ENOTDIR) => {
+            EngineError::Invalid(format!("{what}: a path component is not a directory"))
+        }
         Some(libc::EISDIR) => EngineError::Invalid(format!("{what}: is a directory")),
         Some(libc::ENOTEMPTY) => EngineError::Invalid(format!(
             "{what}: the directory is not empty (remove it recursively)"
@@ -92,9 +94,7 @@ pub fn volume_path(p: &str) -> Result<Vec<String>> {
 pub fn check_mount_paths<'a>(paths: impl Iterator<Item = &'a String>) -> Result<Vec<String>> {
     let mut out: Vec<String> = Vec::new();
     for p in paths {
-        let bad = |why: &str| {
-            EngineError::Invalid(format!("volume mount path {p:?} {why}"))
-        };
+        let bad = |why: &str| EngineError::Invalid(format!("volume mount path {p:?} {why}"));
         if !p.starts_with('/') {
             return Err(bad("must be absolute"));
         }
@@ -147,7 +147,11 @@ fn open_in(root: &OwnedFd, rel: &[String], flags: i32, mode: u32) -> std::io::Re
     // SAFETY: open_how is plain data; zeroed is a valid value.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = (flags | libc::O_CLOEXEC) as u64;
-    how.mode = if flags & libc::O_CREAT != 0 { mode as u64 } else { 0 };
+    how.mode = if flags & libc::O_CREAT != 0 {
+        mode as u64
+    } else {
+        0
+    };
     how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
     // SAFETY: valid fd, NUL-terminated path, `how` lives across the call.
     let fd = unsafe {
@@ -207,9 +211,7 @@ impl Upload {
     }
 
     pub fn write(&mut self, data: &[u8]) -> Result<()> {
-        self.file()
-            .write_all(data)
-            .map_err(|e| io_err("write", e))
+        self.file().write_all(data).map_err(|e| io_err("write", e))
     }
 
     /// Makes the file durable and visible under its name.
@@ -431,7 +433,12 @@ impl VolumeStore {
     }
 
     /// Lists `path` (a directory, or one file), recursively if asked.
-    pub fn listdir(&self, name: &str, path: &str, recursive: bool) -> Result<Vec<api::VolumeEntry>> {
+    pub fn listdir(
+        &self,
+        name: &str,
+        path: &str,
+        recursive: bool,
+    ) -> Result<Vec<api::VolumeEntry>> {
         let root = self.open_root(name)?;
         let rel = volume_path(path)?;
         let fd = open_in(&root, &rel, libc::O_PATH, 0).map_err(|e| io_err(path, e))?;
@@ -441,13 +448,24 @@ impl VolumeStore {
             out.push(entry(rel.join("/"), &meta));
             return Ok(out);
         }
-        fn walk(dir: &Path, prefix: &str, recursive: bool, out: &mut Vec<api::VolumeEntry>) -> std::io::Result<()> {
+        fn walk(
+            dir: &Path,
+            prefix: &str,
+            recursive: bool,
+            out: &mut Vec<api::VolumeEntry>,
+        ) -> std::io::Result<()> {
             let mut names: Vec<_> = std::fs::read_dir(dir)?.flatten().collect();
             names.sort_by_key(|e| e.file_name());
             for e in names {
                 let n = e.file_name().to_string_lossy().into_owned();
-                let p = if prefix.is_empty() { n } else { format!("{prefix}/{n}") };
-                let Ok(m) = e.path().symlink_metadata() else { continue };
+                let p = if prefix.is_empty() {
+                    n
+                } else {
+                    format!("{prefix}/{n}")
+                };
+                let Ok(m) = e.path().symlink_metadata() else {
+                    continue;
+                };
                 out.push(entry(p.clone(), &m));
                 if recursive && m.is_dir() {
                     walk(&e.path(), &p, recursive, out)?;
@@ -467,7 +485,9 @@ impl VolumeStore {
         let f = std::fs::File::from(fd);
         let m = f.metadata().map_err(|e| io_err(path, e))?;
         if !m.is_file() {
-            return Err(EngineError::Invalid(format!("{path:?} is not a regular file")));
+            return Err(EngineError::Invalid(format!(
+                "{path:?} is not a regular file"
+            )));
         }
         Ok(f)
     }
@@ -502,7 +522,9 @@ impl VolumeStore {
         let root = self.open_root(name)?;
         let mut rel = volume_path(path)?;
         let Some(file) = rel.pop() else {
-            return Err(EngineError::Invalid("a file path is needed, not the volume's root".into()));
+            return Err(EngineError::Invalid(
+                "a file path is needed, not the volume's root".into(),
+            ));
         };
         let dir = self.mkdirs(&root, &rel, path)?;
         let tmp = format!(".gworker-upload-{}", &crate::new_id()[3..19]);
@@ -533,7 +555,9 @@ impl VolumeStore {
         let root = self.open_root(name)?;
         let mut rel = volume_path(path)?;
         let Some(last) = rel.pop() else {
-            return Err(EngineError::Invalid("cannot remove the volume's root; delete the volume".into()));
+            return Err(EngineError::Invalid(
+                "cannot remove the volume's root; delete the volume".into(),
+            ));
         };
         let dir = open_in(&root, &rel, libc::O_PATH | libc::O_DIRECTORY, 0)
             .map_err(|e| io_err(path, e))?;
@@ -703,9 +727,21 @@ mod tests {
 
     #[test]
     fn mount_paths_are_checked() {
-        let ok = |p: &[&str]| check_mount_paths(p.iter().map(|s| s.to_string()).collect::<Vec<_>>().iter());
+        let ok = |p: &[&str]| {
+            check_mount_paths(p.iter().map(|s| s.to_string()).collect::<Vec<_>>().iter())
+        };
         assert_eq!(ok(&["/data/", "/b"]).unwrap(), ["/data", "/b"]);
-        for bad in [&["data"][..], &["/"], &["/proc/x"], &["/sys"], &["/dev/shm"], &["/a/../b"], &["/a", "/a/b"], &["/a/b", "/a"], &["/x", "/x/"]] {
+        for bad in [
+            &["data"][..],
+            &["/"],
+            &["/proc/x"],
+            &["/sys"],
+            &["/dev/shm"],
+            &["/a/../b"],
+            &["/a", "/a/b"],
+            &["/a/b", "/a"],
+            &["/x", "/x/"],
+        ] {
             assert!(ok(bad).is_err(), "{bad:?}");
         }
         assert!(ok(&["/process", "/a", "/ab"]).is_ok());
@@ -719,24 +755,38 @@ mod tests {
         std::fs::create_dir_all(&outside).unwrap();
         std::fs::write(outside.join("host.txt"), b"host").unwrap();
         let s = VolumeStore::new(&data);
-        s.create(&api::CreateVolume { name: "v".into(), quota_bytes: None, exist_ok: false }).unwrap();
+        s.create(&api::CreateVolume {
+            name: "v".into(),
+            quota_bytes: None,
+            exist_ok: false,
+        })
+        .unwrap();
         let mut up = s.upload("v", "/a/b/c.txt").unwrap();
         up.write(b"hello").unwrap();
         up.commit().unwrap();
         let mut got = String::new();
-        std::io::Read::read_to_string(&mut s.open_file("v", "a/b/c.txt").unwrap(), &mut got).unwrap();
+        std::io::Read::read_to_string(&mut s.open_file("v", "a/b/c.txt").unwrap(), &mut got)
+            .unwrap();
         assert_eq!(got, "hello");
         assert!(s.open_file("v", "../outside/host.txt").is_err());
         assert!(s.upload("v", "a/../../x").is_err());
         // A symlink to the host's directory resolves inside the volume.
         std::os::unix::fs::symlink(&outside, s.data_dir("v").join("link")).unwrap();
-        assert_eq!(s.open_file("v", "link/host.txt").unwrap_err().code(), ErrorCode::NotFound);
+        assert_eq!(
+            s.open_file("v", "link/host.txt").unwrap_err().code(),
+            ErrorCode::NotFound
+        );
         if let Ok(mut up) = s.upload("v", "link/new.txt") {
             up.write(b"x").unwrap();
             up.commit().unwrap();
         }
         assert!(!outside.join("new.txt").exists());
-        let names: Vec<String> = s.listdir("v", "/", true).unwrap().into_iter().map(|e| e.path).collect();
+        let names: Vec<String> = s
+            .listdir("v", "/", true)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.path)
+            .collect();
         assert!(names.contains(&"a/b/c.txt".to_string()), "{names:?}");
         s.remove_path("v", "link", false).unwrap();
         assert!(outside.join("host.txt").exists());

@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+pub mod cgroup;
+pub use cgroup::{Cgroup, Limits};
+
 /// Where the agent binary appears inside every sandbox.
 pub const AGENT_PATH: &str = "/.gworker/agent";
 
@@ -210,6 +213,8 @@ pub struct BundleSpec {
     pub hostname: String,
     /// Host directories bind-mounted read-write (volumes).
     pub mounts: Vec<BindMount>,
+    /// runsc's `cgroupsPath`: cgroups the supervisor made and limited.
+    pub cgroup: Option<String>,
 }
 
 /// A host directory bind-mounted read-write into the sandbox. runsc's default
@@ -273,6 +278,9 @@ pub fn oci_config(spec: &BundleSpec) -> Value {
             ]
         }
     });
+    if let Some(path) = &spec.cgroup {
+        v["linux"]["cgroupsPath"] = json!(path);
+    }
     if let Some(mounts) = v["mounts"].as_array_mut() {
         for m in &spec.mounts {
             mounts.push(json!({"destination": m.destination, "type": "bind",
@@ -323,7 +331,9 @@ mod tests {
                 source: "/data/volumes/v/data".into(),
                 destination: "/mnt/v".into(),
             }],
+            cgroup: Some("/gworker/sb-1".into()),
         });
+        assert_eq!(v["linux"]["cgroupsPath"], "/gworker/sb-1");
         assert_eq!(v["process"]["args"][0], AGENT_PATH);
         assert_eq!(v["process"]["terminal"], false);
         assert_eq!(v["root"]["readonly"], false);

@@ -155,8 +155,19 @@ impl SupClient {
     }
 
     /// Hands a warm-pool sandbox to its user (see `Request::Claim`).
-    pub async fn claim(&self, entry: Option<ProcSpec>, deadline: f64) -> Result<(), ClientError> {
-        self.call(&Request::Claim { entry, deadline }).await.map(|_| ())
+    pub async fn claim(
+        &self,
+        entry: Option<ProcSpec>,
+        deadline: f64,
+        limits: gworker_runtime::Limits,
+    ) -> Result<(), ClientError> {
+        self.call(&Request::Claim {
+            entry,
+            deadline,
+            limits,
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Takes a memory checkpoint into `image_path`; the sandbox goes on.

@@ -208,6 +208,7 @@ struct Shared {
     runsc: gworker_runtime::Runsc,
     shutdown: Notify,
     dir: PathBuf,
+    cgroup: gworker_runtime::Cgroup,
 }
 
 impl Shared {
@@ -253,12 +254,23 @@ async fn serve(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let listener = UnixListener::from_std(std_listener)?;
     let bundle = dir.join("bundle");
+    let cgroup = gworker_runtime::Cgroup::new(&cfg.sandbox_id);
+    let cgroup_ok = match cgroup.create(&cfg.limits) {
+        Ok(()) => true,
+        // Without limits asked for, a host without writable cgroups still runs sandboxes.
+        Err(e) if cfg.limits == gworker_runtime::Limits::default() => {
+            eprintln!("supervisor: no cgroups ({e}); running without resource limits");
+            false
+        }
+        Err(e) => return Err(format!("cannot set up the sandbox's cgroups: {e}").into()),
+    };
     gworker_runtime::write_bundle(
         &bundle,
         &gworker_runtime::BundleSpec {
             rootfs: cfg.rootfs.clone(),
             agent: cfg.agent.clone(),
             hostname: "sandbox".into(),
+            cgroup: cgroup_ok.then(|| cgroup.path.clone()),
             mounts: cfg
                 .volumes
                 .iter()
@@ -297,7 +309,11 @@ async fn serve(
             seq: 0,
             checkpointing: false,
             runsc_pid: None,
-            deadline: if cfg.pooled { f64::INFINITY } else { cfg.deadline },
+            deadline: if cfg.pooled {
+                f64::INFINITY
+            } else {
+                cfg.deadline
+            },
             entry: if cfg.pooled { None } else { cfg.entry.clone() },
             claimed: !cfg.pooled,
         }),
@@ -307,6 +323,7 @@ async fn serve(
         runsc: runsc.clone(),
         shutdown: Notify::new(),
         dir: dir.clone(),
+        cgroup,
     });
     tokio::spawn(agent_writer(rx));
     let cmd = match &cfg.restore {
@@ -606,12 +623,26 @@ fn start_entry(shared: &Arc<Shared>, st: &mut State, entry: &ProcSpec) {
 }
 
 /// Gives a warm-pool sandbox to its user.
-async fn claim(shared: &Arc<Shared>, entry: Option<ProcSpec>, deadline: f64) -> Result<serde_json::Value, SupError> {
+async fn claim(
+    shared: &Arc<Shared>,
+    entry: Option<ProcSpec>,
+    deadline: f64,
+    limits: gworker_runtime::Limits,
+) -> Result<serde_json::Value, SupError> {
     wait_running(shared).await?;
+    shared.cgroup.apply(&limits).map_err(|e| {
+        SupError::new(
+            "internal",
+            format!("cannot apply the sandbox's limits: {e}"),
+        )
+    })?;
     {
         let mut st = shared.lock();
         if st.claimed {
-            return Err(SupError::new("conflict", "this sandbox was already claimed"));
+            return Err(SupError::new(
+                "conflict",
+                "this sandbox was already claimed",
+            ));
         }
         if st.phase != Phase::Running || st.stopping {
             return Err(not_running());
@@ -743,13 +774,31 @@ async fn runsc_waiter(shared: Arc<Shared>, mut child: tokio::process::Child, gen
                 (Ok(s), _) => format!("the sandbox stopped unexpectedly ({s}): {tail}"),
                 (Err(e), _) => format!("the sandbox stopped unexpectedly: {e}"),
             };
-            st.exit(Some(137), "failed", Some(msg));
+            if shared.cgroup.oom_killed() {
+                st.exit(
+                    Some(137),
+                    "oom",
+                    Some("the sandbox ran out of memory and was killed (raise `memory` when you create it)".into()),
+                );
+            } else if shared.cgroup.pids_exhausted() {
+                st.exit(
+                    Some(137),
+                    "process_limit",
+                    Some("the sandbox hit its process limit and was stopped (raise `max_processes` when you create it)".into()),
+                );
+            } else {
+                st.exit(Some(137), "failed", Some(msg));
+            }
         }
         st.container_gone();
         st.stopping = true;
     }
     let s2 = shared.clone();
-    let _ = tokio::task::spawn_blocking(move || s2.runsc.delete_force(&s2.cfg.sandbox_id)).await;
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = s2.runsc.delete_force(&s2.cfg.sandbox_id);
+        s2.cgroup.remove();
+    })
+    .await;
     shared.lock().runsc_exited = true;
     shared.changed.notify_waiters();
 }
@@ -827,7 +876,11 @@ async fn handle_conn(shared: Arc<Shared>, conn: UnixStream) {
             with_running_proc(&shared, id, || HostMsg::Signal { pid: id, signo })
         }
         Request::Checkpoint { image_path } => checkpoint(&shared, image_path).await,
-        Request::Claim { entry, deadline } => claim(&shared, entry, deadline).await,
+        Request::Claim {
+            entry,
+            deadline,
+            limits,
+        } => claim(&shared, entry, deadline, limits).await,
         Request::Kill { reason } => {
             kill_sandbox(&shared, &reason);
             Ok(serde_json::Value::Null)

@@ -24,6 +24,9 @@ pub struct LaunchConfig {
     /// Restore this checkpoint instead of a cold start (`entry` is then unused).
     #[serde(default)]
     pub restore: Option<RestoreConfig>,
+    /// CPU, memory and process limits, enforced through cgroups.
+    #[serde(default)]
+    pub limits: gworker_runtime::Limits,
     /// A warm-pool slot: boot and wait, with no deadline, until a `Claim`
     /// gives the sandbox its entry command and deadline.
     #[serde(default)]
@@ -131,7 +134,11 @@ pub enum Request {
     },
     /// Hands a warm-pool sandbox to its user: its entry command (if any)
     /// starts and its deadline runs from now on. Only once.
-    Claim { entry: Option<ProcSpec>, deadline: f64 },
+    Claim {
+        entry: Option<ProcSpec>,
+        deadline: f64,
+        limits: gworker_runtime::Limits,
+    },
     /// Writes a memory checkpoint to `image_path`; the sandbox goes on running.
     Checkpoint {
         image_path: PathBuf,

@@ -306,6 +306,10 @@ class Sandbox:
         env: Optional[Mapping[str, str]] = None,
         workdir: Optional[str] = None,
         snapshot: Optional[SandboxSnapshot] = None,
+        *,
+        cpu: Optional[float] = None,
+        memory: Optional[int] = None,
+        max_processes: Optional[int] = None,
     ) -> "Sandbox":
         """Start a sandbox running ``cmd``. If ``snapshot=`` is provided, the
         container is restored from that checkpoint instead of a cold start.
@@ -315,6 +319,10 @@ class Sandbox:
         ``/bin/sh -c cmd``; empty, the sandbox idles until ``timeout`` (seconds)
         or ``terminate()``. ``image`` defaults to ``Image.debian_slim()`` (with a
         ``snapshot``, to the snapshot's image).
+
+        Beyond the spec, as Modal users know them: ``cpu`` (cores, fractional),
+        ``memory`` (MiB; going over kills the sandbox, ``exit_reason`` is
+        ``"oom"``) and ``max_processes``; the daemon's defaults apply otherwise.
         """
         if image is None and snapshot is None:
             image = Image.debian_slim()
@@ -343,6 +351,11 @@ class Sandbox:
             if not isinstance(snapshot, SandboxSnapshot):
                 raise TypeError(f"snapshot is a SandboxSnapshot, not {type(snapshot).__name__}")
             body["snapshot"] = snapshot.to_json()
+        for key, value in (("cpu", cpu), ("memory", memory), ("max_processes", max_processes)):
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise TypeError(f"{key} is a number, not {type(value).__name__}")
+                body[key] = float(value) if key == "cpu" else int(value)
         transport = Transport.from_env()
         info = transport.call("POST", "/v1/sandboxes", body)
         return cls(info["sandbox_id"], _transport=transport, _info=info)
@@ -426,6 +439,15 @@ class Sandbox:
                     raise SandboxStartFailedError(f"sandbox {self._sandbox_id} failed: {reason}")
                 self._returncode = int(info["exit_code"])
         return self._returncode
+
+    @property
+    def exit_reason(self) -> Optional[str]:
+        """Why the sandbox ended: ``"exited"`` (its entry command did),
+        ``"timeout"``, ``"oom"`` (over its memory limit), ``"failed"``; ``None``
+        while it runs."""
+        info = self._transport.call("GET", self._path)
+        self._info = info
+        return info.get("reason") if info.get("state") == "exited" else None
 
     @property
     def returncode(self) -> Optional[int]:

@@ -1,0 +1,113 @@
+//! Resource limits through the host's cgroup v1 controllers.
+//!
+//! The supervisor creates `/sys/fs/cgroup/{memory,cpu,pids}/gworker/ID`
+//! itself, writes the limits there, and hands runsc that path as the
+//! container's `cgroupsPath`. runsc joins existing cgroups without owning
+//! them, so they outlive `runsc run`: the supervisor can read whether the
+//! memory controller OOM-killed the sandbox before it removes them, and can
+//! change limits later (a warm-pool sandbox gets its user's limits at claim).
+
+use std::io;
+use std::path::PathBuf;
+
+const ROOT: &str = "/sys/fs/cgroup";
+const CONTROLLERS: &[&str] = &["memory", "cpu", "pids"];
+/// Host threads of gVisor itself (sentry, gofer) counted by the pids
+/// controller on top of the sandbox's own processes.
+pub const SENTRY_THREADS: u64 = 256;
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// Limits of one sandbox; `None` is unlimited.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Limits {
+    /// Cores, fractional (1.5 = one and a half cores of CPU time).
+    pub cpu: Option<f64>,
+    /// Memory in MiB (the whole sandbox: its processes, its in-memory root
+    /// filesystem writes, and gVisor's own memory).
+    pub memory_mb: Option<u64>,
+    /// Processes (and threads) inside the sandbox.
+    pub max_processes: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Cgroup {
+    /// `/gworker/ID`, as runsc's `cgroupsPath`.
+    pub path: String,
+}
+
+impl Cgroup {
+    pub fn new(id: &str) -> Cgroup {
+        Cgroup {
+            path: format!("/gworker/{id}"),
+        }
+    }
+
+    fn dir(&self, controller: &str) -> PathBuf {
+        PathBuf::from(format!("{ROOT}/{controller}{}", self.path))
+    }
+
+    /// Creates the cgroups and writes the limits.
+    pub fn create(&self, limits: &Limits) -> io::Result<()> {
+        for c in CONTROLLERS {
+            std::fs::create_dir_all(self.dir(c))?;
+        }
+        self.apply(limits)
+    }
+
+    /// (Re)writes the limits; unlimited where `None`.
+    pub fn apply(&self, limits: &Limits) -> io::Result<()> {
+        let mem = limits
+            .memory_mb
+            .map(|m| (m * 1024 * 1024).to_string())
+            .unwrap_or_else(|| "-1".into());
+        std::fs::write(self.dir("memory").join("memory.limit_in_bytes"), mem)?;
+        let quota = limits
+            .cpu
+            .map(|c| ((c * CPU_PERIOD_US as f64) as i64).max(1000))
+            .unwrap_or(-1);
+        std::fs::write(
+            self.dir("cpu").join("cpu.cfs_period_us"),
+            CPU_PERIOD_US.to_string(),
+        )?;
+        std::fs::write(self.dir("cpu").join("cpu.cfs_quota_us"), quota.to_string())?;
+        let pids = limits
+            .max_processes
+            .map(|p| (p + SENTRY_THREADS).to_string())
+            .unwrap_or_else(|| "max".into());
+        std::fs::write(self.dir("pids").join("pids.max"), pids)?;
+        Ok(())
+    }
+
+    /// Whether the memory controller killed something in this cgroup.
+    pub fn oom_killed(&self) -> bool {
+        let text = std::fs::read_to_string(self.dir("memory").join("memory.oom_control"))
+            .unwrap_or_default();
+        text.lines()
+            .filter_map(|l| l.strip_prefix("oom_kill "))
+            .any(|n| n.trim().parse::<u64>().map(|n| n > 0).unwrap_or(false))
+    }
+
+    /// Whether the pids controller refused a new task (the process limit).
+    pub fn pids_exhausted(&self) -> bool {
+        let text =
+            std::fs::read_to_string(self.dir("pids").join("pids.events")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| l.strip_prefix("max "))
+            .any(|n| n.trim().parse::<u64>().map(|n| n > 0).unwrap_or(false))
+    }
+
+    /// Removes the cgroups (they must be empty: call after runsc ended).
+    pub fn remove(&self) {
+        for c in CONTROLLERS {
+            let dir = self.dir(c);
+            for _ in 0..50 {
+                match std::fs::remove_dir(&dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    // Tasks still leaving: try again shortly.
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                }
+            }
+        }
+    }
+}
