@@ -106,6 +106,34 @@ impl SandboxSnapshot {
     pub fn info(&self) -> Option<&gworker_api::Snapshot> {
         self.info.as_ref()
     }
+
+    /// Looks a snapshot up (`Error::NotFound` if it does not exist).
+    pub async fn fetch(client: &Client, id: &str) -> Result<SandboxSnapshot> {
+        let info: gworker_api::Snapshot = client
+            .get_json(&format!("/v1/snapshots/{}", crate::client::seg(id)))
+            .await?;
+        Ok(SandboxSnapshot {
+            id: info.snapshot_id.clone(),
+            info: Some(info),
+        })
+    }
+
+    /// Every snapshot the daemon keeps, oldest first.
+    pub async fn list(client: &Client) -> Result<Vec<gworker_api::Snapshot>> {
+        let l: gworker_api::SnapshotList = client.get_json("/v1/snapshots").await?;
+        Ok(l.snapshots)
+    }
+
+    /// Deletes the snapshot's files; sandboxes restored from it go on.
+    pub async fn delete(&self, client: &Client) -> Result<()> {
+        client
+            .call(
+                hyper::Method::DELETE,
+                &format!("/v1/snapshots/{}", crate::client::seg(&self.id)),
+                None,
+            )
+            .await
+    }
 }
 
 /// A sandbox on the daemon. Dropping the handle does not terminate it.

@@ -58,6 +58,18 @@ pub enum SandboxCmd {
     Terminate(IdArgs),
     /// Show a sandbox's details.
     Info(InfoArgs),
+    /// Take a memory snapshot of a running sandbox (it keeps running) and
+    /// print the snapshot's ID; restore it with the API's `snapshot` field.
+    Snapshot(InfoArgs),
+}
+
+/// `gworker snapshot ...`
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCmd {
+    /// List snapshots.
+    Ls(LsArgs),
+    /// Delete a snapshot (sandboxes restored from it are not affected).
+    Rm(IdArgs),
 }
 
 #[derive(Args, Debug)]
@@ -251,6 +263,85 @@ async fn dispatch(cmd: SandboxCmd) -> CmdResult {
         SandboxCmd::Logs(a) => logs(a).await,
         SandboxCmd::Terminate(a) => terminate(a).await,
         SandboxCmd::Info(a) => info(a).await,
+        SandboxCmd::Snapshot(a) => snapshot(a).await,
+    }
+}
+
+async fn snapshot(a: InfoArgs) -> CmdResult {
+    let c = client(&a.conn)?;
+    let snap = Sandbox::from_id(&c, a.id.clone())
+        .snapshot()
+        .await
+        .map_err(|e| fail(e, Some(&a.id)))?;
+    match (a.json, snap.info()) {
+        (true, Some(info)) => println!("{}", to_json(serde_json::to_value(info))),
+        _ => println!("{}", snap.id()),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `gworker snapshot ...`.
+pub fn run_snapshot(cmd: SnapshotCmd) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: CmdResult = rt.block_on(async move {
+        match cmd {
+            SnapshotCmd::Ls(a) => {
+                let c = client(&a.conn)?;
+                let list = gworker_client::SandboxSnapshot::list(&c)
+                    .await
+                    .map_err(|e| fail(e, None))?;
+                if a.json {
+                    println!("{}", to_json(serde_json::to_value(&list)));
+                } else {
+                    println!(
+                        "{:<36} {:<36} {:<12} {:>10} {:>9}",
+                        "ID", "SOURCE", "IMAGE", "SIZE", "PAUSE"
+                    );
+                    for s in list {
+                        println!(
+                            "{:<36} {:<36} {:<12} {:>9}K {:>7.0}ms",
+                            s.snapshot_id,
+                            s.source_sandbox_id,
+                            s.image,
+                            s.size_bytes / 1024,
+                            s.pause_ms
+                        );
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            SnapshotCmd::Rm(a) => {
+                let c = client(&a.conn)?;
+                gworker_client::SandboxSnapshot::from_id(a.id.clone())
+                    .delete(&c)
+                    .await
+                    .map_err(|e| match e {
+                        Error::NotFound { .. } => Failure {
+                            code: 1,
+                            message: format!("no snapshot {:?}", a.id),
+                        },
+                        e => fail(e, None),
+                    })?;
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    });
+    rt.shutdown_background();
+    match result {
+        Ok(code) => code,
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            ExitCode::from(f.code)
+        }
     }
 }
 

@@ -25,6 +25,9 @@ enum Cmd {
     /// Manage sandboxes through a running daemon.
     #[command(subcommand)]
     Sandbox(client_cmds::SandboxCmd),
+    /// Memory snapshots (take one with `gworker sandbox snapshot ID`).
+    #[command(subcommand)]
+    Snapshot(client_cmds::SnapshotCmd),
     /// Named, persistent volumes and their files.
     #[command(subcommand)]
     Volume(store_cmds::VolumeCmd),
@@ -46,6 +49,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Serve(args) => serve::serve(args),
         Cmd::Image(cmd) => serve::image(cmd),
         Cmd::Sandbox(cmd) => client_cmds::run(cmd),
+        Cmd::Snapshot(cmd) => client_cmds::run_snapshot(cmd),
         Cmd::Volume(cmd) => store_cmds::volume(cmd),
         Cmd::Secret(cmd) => store_cmds::secret(cmd),
     }

@@ -104,7 +104,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
         Some((i, _)) => {
-            let m = match t[i..].to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+            let m = match t[i..]
+                .to_ascii_uppercase()
+                .trim_end_matches("IB")
+                .trim_end_matches('B')
+            {
                 "" => 1,
                 "K" => 1 << 10,
                 "M" => 1 << 20,
@@ -191,7 +195,6 @@ fn runtime<F: std::future::Future<Output = Result<(), String>>>(f: F) -> ExitCod
     }
 }
 
-
 pub fn volume(cmd: VolumeCmd) -> ExitCode {
     runtime(async move {
         let e = |e: gworker_client::Error| e.to_string();
@@ -203,7 +206,9 @@ pub fn volume(cmd: VolumeCmd) -> ExitCode {
                 conn,
             } => {
                 let c = client(&conn)?;
-                let v = Volume::create(&c, &name, quota, exist_ok).await.map_err(e)?;
+                let v = Volume::create(&c, &name, quota, exist_ok)
+                    .await
+                    .map_err(e)?;
                 println!("{}", v.name);
             }
             VolumeCmd::Ls {
@@ -215,11 +220,17 @@ pub fn volume(cmd: VolumeCmd) -> ExitCode {
                 let c = client(&conn)?;
                 let list = Volume::list(&c).await.map_err(e)?;
                 if j {
-                    println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&list).unwrap_or_default()
+                    );
                 } else {
                     println!("{:<32} {:>12}", "NAME", "QUOTA");
                     for v in list {
-                        let q = v.quota_bytes.map(|q| q.to_string()).unwrap_or_else(|| "-".into());
+                        let q = v
+                            .quota_bytes
+                            .map(|q| q.to_string())
+                            .unwrap_or_else(|| "-".into());
                         println!("{:<32} {:>12}", v.name, q);
                     }
                 }
@@ -238,7 +249,10 @@ pub fn volume(cmd: VolumeCmd) -> ExitCode {
                     .await
                     .map_err(e)?;
                 if j {
-                    println!("{}", serde_json::to_string_pretty(&entries).unwrap_or_default());
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&entries).unwrap_or_default()
+                    );
                 } else {
                     for en in entries {
                         let kind = match en.kind {
@@ -320,7 +334,9 @@ pub fn secret(cmd: SecretCmd) -> ExitCode {
                 if let Some(path) = from_dotenv {
                     let text = std::fs::read_to_string(&path)
                         .map_err(|x| format!("{}: {x}", path.display()))?;
-                    map.extend(parse_dotenv(&text).map_err(|x| format!("{}: {x}", path.display()))?);
+                    map.extend(
+                        parse_dotenv(&text).map_err(|x| format!("{}: {x}", path.display()))?,
+                    );
                 }
                 for kv in values {
                     match kv.split_once('=') {
@@ -340,14 +356,19 @@ pub fn secret(cmd: SecretCmd) -> ExitCode {
                 }
                 let c = client(&conn)?;
                 let keys: Vec<String> = map.keys().cloned().collect();
-                Secrets::create(&c, &name, map, overwrite).await.map_err(e)?;
+                Secrets::create(&c, &name, map, overwrite)
+                    .await
+                    .map_err(e)?;
                 eprintln!("stored secret {name} ({})", keys.join(", "));
             }
             SecretCmd::Ls { json: j, conn } => {
                 let c = client(&conn)?;
                 let list = Secrets::list(&c).await.map_err(e)?;
                 if j {
-                    println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&list).unwrap_or_default()
+                    );
                 } else {
                     for s in list {
                         println!("{}", s.name);

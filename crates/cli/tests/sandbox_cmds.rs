@@ -460,3 +460,50 @@ fn help_texts() {
         assert!(h.contains("--url") && h.contains("Usage:"), "{sub}: {h}");
     }
 }
+
+#[test]
+fn snapshot_take_list_restore_and_remove() {
+    let d = daemon_or_skip!();
+    let id = d.create(&[]);
+    d.ok(&["exec", &id, "--", "sh", "-c", "echo saved > /tmp/s"]);
+    let snap = d.ok(&["snapshot", &id]).trim().to_string();
+    assert!(snap.starts_with("sn-"), "{snap}");
+    // The source goes on running.
+    assert_eq!(d.ok(&["exec", &id, "--", "cat", "/tmp/s"]), "saved\n");
+    let top = |args: &[&str]| {
+        let o = Command::new(BIN)
+            .args(args)
+            .env("GWORKER_URL", &d.url)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (code, out, _) = top(&["snapshot", "ls", "--json"]);
+    assert_eq!(code, Some(0));
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let entry = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["snapshot_id"] == snap.as_str())
+        .expect("listed")
+        .clone();
+    assert_eq!(entry["source_sandbox_id"], id.as_str());
+    let (code, table, _) = top(&["snapshot", "ls"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&snap) && l.contains("busybox")),
+        "{table}"
+    );
+    let (code, _, _) = top(&["snapshot", "rm", &snap]);
+    assert_eq!(code, Some(0));
+    let (code, _, err) = top(&["snapshot", "rm", &snap]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no snapshot"), "{err}");
+}
