@@ -65,6 +65,11 @@ if ! "$py" -c 'import pytest' >/dev/null 2>&1; then
     log "pip install pytest"
     "$py" -m pip install "${pip_flags[@]}" pytest
 fi
+# schemathesis: API fuzzing against /v1/openapi.json (tests/python/test_faults.py).
+if ! "$py" -c 'import schemathesis' >/dev/null 2>&1; then
+    log "pip install schemathesis"
+    "$py" -m pip install "${pip_flags[@]}" schemathesis
+fi
 
 client="$repo/clients/python"
 if [ -f "$client/pyproject.toml" ] || [ -f "$client/setup.py" ]; then
