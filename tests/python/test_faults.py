@@ -428,7 +428,8 @@ def test_data_disk_full(daemon):
     ids: List[str] = []
     try:
         data = mnt / "data"
-        d2 = Daemon(gworker_bin(), data, short_tempdir("gwfs-") / "gw.sock")
+        sock_dir = short_tempdir("gwfs-")
+        d2 = Daemon(gworker_bin(), data, sock_dir / "gw.sock")
         d2.log_path = mnt.parent / (mnt.name + "-daemon.log")
         d2.start()
         ok = d2.request("POST", "/v1/sandboxes", {"image": "busybox", "cmd": [], "timeout": 120})
@@ -485,6 +486,9 @@ def test_data_disk_full(daemon):
         time.sleep(0.5)
         subprocess.run(["umount", "-l", str(mnt)])
         shutil.rmtree(mnt, ignore_errors=True)
+        if d2 is not None:
+            shutil.rmtree(d2.socket_path.parent, ignore_errors=True)
+            d2.log_path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------
