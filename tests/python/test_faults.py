@@ -338,9 +338,6 @@ def test_daemon_sigkill_during_terminate(daemon):
     check_consistent(daemon, before_host)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a daemon SIGKILLed while POST /v1/sandboxes/{id}/snapshot is in progress leaves DATA/snapshots/sn-*/image "
-    "(the checkpoint) on disk, unknown to the registry and never cleaned up after the restart: orphaned files"))
 def test_daemon_sigkill_during_snapshot(sandboxes, daemon):
     before_host = on_host_ids(daemon)
     made: List[str] = []
@@ -386,10 +383,7 @@ def test_daemon_sigkill_during_snapshot(sandboxes, daemon):
 
 
 @pytest.mark.parametrize("target", [
-    pytest.param("supervise", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: after SIGKILL of a sandbox's supervisor the registry keeps reporting it state=running with no "
-        "reason forever, while exec answers 409 sandbox_not_running: the daemon never notices the supervisor "
-        "is gone (its runsc/sentry may live on) and never marks the sandbox exited"))),
+    "supervise",
     "runsc --root", "runsc-sandbox", "runsc-gofer"])
 def test_sigkill_of_sandbox_process(daemon, target):
     sb = Sandbox.create(["sleep", "300"], image=BUSYBOX, timeout=120)
@@ -417,9 +411,6 @@ def test_sigkill_of_sandbox_process(daemon, target):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: with the data directory's disk full, POST /v1/sandboxes answers 500 internal 'internal error: registry: "
-    "database or disk is full' instead of a clear, documented error (e.g. 507/503 with its own code)"))
 def test_data_disk_full(daemon):
     mnt = short_tempdir("gwfull-")
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)]).returncode != 0:
@@ -456,7 +447,8 @@ def test_data_disk_full(daemon):
         assert d2.alive(), d2.log_tail()
         problems = [(what, status, body) for what, status, body in answers
                     if status >= 500 and not (status == 503 and body["error"]["code"] in
-                                              ("sandbox_starting_failed", "snapshot_failed"))]
+                                              ("sandbox_starting_failed", "snapshot_failed"))
+                    and not (status == 507 and body["error"]["code"] == "no_space")]
         # Space again: everything works, acknowledged snapshots restore.
         filler.unlink()
         reg = {s["sandbox_id"]: s for s in d2.request("GET", "/v1/sandboxes")[1]["sandboxes"]}

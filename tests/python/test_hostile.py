@@ -252,9 +252,10 @@ def test_daemon_and_supervisor_sockets_are_unreachable(sandboxes, daemon, canary
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "BUG: the agent (PID 1) is dumpable, so any process in the sandbox (root, no CAP_SYS_PTRACE) can open "
-    "/proc/1/fd/0 and /proc/1/fd/1 -- the agent's protocol pipes to the supervisor -- and steal frames "
-    "meant for the agent (the sandbox then hangs until its timeout) or write forged frames to the supervisor"))
+    "BUG: any process in the sandbox (root, no CAP_SYS_PTRACE) can open /proc/1/fd/0 and /proc/1/fd/1 -- the "
+    "agent's protocol pipes to the supervisor -- and steal frames meant for the agent or forge frames to the "
+    "supervisor (confined to that sandbox). The agent sets PR_SET_DUMPABLE=0, but this gVisor (20221219) does not "
+    "check dumpability for /proc/PID/fd"))
 def test_agent_control_pipes_are_unreachable(sandboxes):
     sb = sandboxes()
     code, out, err = sh(sb, "exec 3</proc/1/fd/0 && echo OPENED-R; exec 4>/proc/1/fd/1 && echo OPENED-W; "
@@ -612,10 +613,6 @@ def test_unread_flood_is_paused_not_buffered(sandboxes, daemon):
     assert proc.wait(timeout=60) == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: an exec whose JSON request is over 64 KiB (e.g. 1000 args x 100 bytes = 100 KB, far below ARG_MAX) fails "
-    "with 400 invalid_request 'EOF while parsing a string at line 1 column 65536': the supervisor reads its "
-    "request line through take(64 * 1024) (crates/supervisor/src/server.rs) although the daemon accepts 16 MiB"))
 def test_argv_of_100kb_works(sandboxes):
     sb = sandboxes()
     run(sb, ["true"])
@@ -625,10 +622,6 @@ def test_argv_of_100kb_works(sandboxes):
     assert proc.wait(timeout=60) == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: an exec request of ~0.5-1 MB (argv or env) on a running sandbox answers 409 sandbox_not_running "
-    "(the sandbox is running, and runs the next exec), and ~100 KB answers 400 'EOF while parsing a string at "
-    "line 1 column 65536': neither is the clear error a too-large argv/env should get"))
 def test_huge_argv_and_env_fail_clearly(sandboxes, daemon):
     sb = sandboxes()
     run(sb, ["true"])

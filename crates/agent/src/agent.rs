@@ -292,6 +292,9 @@ pub fn run() -> ! {
     if let Err(e) = sys::set_child_subreaper() {
         eprintln!("gworker-agent: PR_SET_CHILD_SUBREAPER: {}", errstr(&e));
     }
+    if let Err(e) = sys::set_not_dumpable() {
+        fatal("PR_SET_DUMPABLE", e);
+    }
     let epoll = Epoll::new().unwrap_or_else(|e| fatal("epoll_create", e));
     let writer_dead = sys::eventfd().unwrap_or_else(|e| fatal("eventfd", e));
     let writer =

@@ -369,6 +369,15 @@ pub fn kill(pid: i32, signo: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes this process non-dumpable: processes in the sandbox (root, but
+/// without CAP_SYS_PTRACE) can then not open `/proc/1/fd/*`, the protocol
+/// pipes to the host, nor read the agent's memory.
+pub fn set_not_dumpable() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    cvt(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong, 0, 0, 0) })?;
+    Ok(())
+}
+
 pub fn set_child_subreaper() -> io::Result<()> {
     // SAFETY: prctl with integer arguments only.
     cvt(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) })?;

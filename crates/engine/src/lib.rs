@@ -63,6 +63,12 @@ impl EngineError {
 
 impl From<registry::RegistryError> for EngineError {
     fn from(e: registry::RegistryError) -> Self {
+        if e.is_disk_full() {
+            return EngineError::Coded {
+                code: ErrorCode::NoSpace,
+                message: "the daemon's data directory is out of disk space; free some space and try again".into(),
+            };
+        }
         EngineError::Internal(e.to_string())
     }
 }
@@ -197,6 +203,20 @@ fn check_argv(argv: &[String]) -> Result<()> {
         return Err(EngineError::Invalid(
             "cmd arguments must not contain NUL bytes".into(),
         ));
+    }
+    Ok(())
+}
+
+/// Most bytes of argv + environment a process may get: one agent frame
+/// carries them (Linux itself allows about 2 MiB).
+const MAX_ARGS_ENV: usize = 1024 * 1024 - 64 * 1024;
+
+fn check_args_env_size(argv: &[String], env: &[String]) -> Result<()> {
+    let n: usize = argv.iter().chain(env).map(|a| a.len() + 5).sum();
+    if n > MAX_ARGS_ENV {
+        return Err(EngineError::Invalid(format!(
+            "the command's arguments and environment take {n} bytes; at most {MAX_ARGS_ENV} are allowed (pass large data through stdin or a file instead)"
+        )));
     }
     Ok(())
 }
@@ -433,6 +453,12 @@ impl Engine {
         let mounts = self.resolve_volumes(
             req.volumes.as_ref(),
             snap.as_ref().map(|s| &s.requires.volumes),
+        )?;
+        check_args_env_size(
+            &cmd,
+            &env.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>(),
         )?;
         let limits = self.limits(req.cpu, req.memory, req.max_processes)?;
         let created_at = now();
@@ -672,9 +698,33 @@ impl Engine {
         if *live.ready.borrow() != Ready::Up {
             return None;
         }
-        let st = live.sup.status().await.ok()?;
-        self.record(&row.id, &st);
-        Some(st)
+        match live.sup.status().await {
+            Ok(st) => {
+                self.record(&row.id, &st);
+                Some(st)
+            }
+            Err(ClientError::Unreachable(e))
+                if row.state != "exited"
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                    ) =>
+            {
+                // The supervisor is gone (killed, or crashed): so is the
+                // sandbox, whose agent ends when its pipes close.
+                tracing::warn!(sandbox = %row.id, error = %e, "supervisor gone");
+                let _ = self.reg.set_exited(
+                    &row.id,
+                    Some(137),
+                    "lost",
+                    Some("the sandbox's supervisor ended unexpectedly; the sandbox was stopped"),
+                    now(),
+                );
+                self.live.lock().unwrap().remove(&row.id);
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     /// Writes what the supervisor reported and the registry lacks.
@@ -810,6 +860,7 @@ impl Engine {
                 .or(row.workdir.clone())
                 .unwrap_or_else(|| "/".into()),
         };
+        check_args_env_size(&spec.argv, &spec.env)?;
         let pid = live.sup.spawn(spec).await.map_err(from_client)?;
         let started_at = now();
         self.reg.upsert_process(&ProcessRow {

@@ -189,8 +189,18 @@ impl Engine {
     }
 
     /// Removes sandboxes the registry does not know: unclaimed pool slots of
-    /// an earlier daemon, or a create cut short by a crash.
+    /// an earlier daemon, or a create cut short by a crash; and snapshot
+    /// directories of snapshots cut short by a crash.
     pub async fn remove_orphans(&self) {
+        if let Ok(entries) = std::fs::read_dir(self.cfg.data_dir.join("snapshots")) {
+            for e in entries.flatten() {
+                let id = e.file_name().to_string_lossy().into_owned();
+                if matches!(self.reg.get_snapshot(&id), Ok(None)) {
+                    tracing::info!(snapshot = %id, "removing an unfinished snapshot");
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         let Ok(entries) = std::fs::read_dir(self.cfg.data_dir.join("sandboxes")) else {
             return;
         };

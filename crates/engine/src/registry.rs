@@ -11,6 +11,13 @@ use rusqlite::{params, Connection, OptionalExtension};
 #[error("registry: {0}")]
 pub struct RegistryError(#[from] rusqlite::Error);
 
+impl RegistryError {
+    /// SQLite could not write because the disk is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(&self.0, rusqlite::Error::SqliteFailure(e, _) if e.code == rusqlite::ErrorCode::DiskFull)
+    }
+}
+
 /// A sandbox as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SandboxRow {

@@ -841,7 +841,9 @@ async fn handle_conn(shared: Arc<Shared>, conn: UnixStream) {
     let (r, mut w) = conn.into_split();
     let mut r = BufReader::new(r);
     let mut line = String::new();
-    match (&mut r).take(64 * 1024).read_line(&mut line).await {
+    // One request line; an exec's argv and env can be large (the daemon
+    // accepts bodies up to 16 MiB), so allow that much and a margin.
+    match (&mut r).take(40 * 1024 * 1024).read_line(&mut line).await {
         Ok(n) if n > 0 => {}
         _ => return,
     }
