@@ -190,3 +190,20 @@ def test_cli_volume_commands(daemon, tmp_path: Path):
     assert g("volume", "rm", name).returncode == 0
     r = g("volume", "rm", name)
     assert r.returncode == 1 and "no volume" in r.stderr
+
+
+def test_half_made_volume_is_cleaned_up_at_restart(daemon, sandboxes):
+    # A crash between mkdir and meta.json leaves a directory that is no volume.
+    name = f"t-half-{uuid.uuid4().hex[:8]}"
+    half = Path(daemon.data_dir) / "volumes" / name
+    (half / "data").mkdir(parents=True)
+    with pytest.raises(ConflictError):
+        Volume.from_name(name, create_if_missing=True).listdir("/")
+    daemon.restart()
+    assert not half.exists()
+    v = Volume.from_name(name, create_if_missing=True)
+    v.write_file("/f", b"ok")
+    sb = sandboxes(volumes={"/v": v})
+    assert run(sb, ["cat", "/v/f"]) == (0, "ok", "")
+    sb.terminate()
+    Volume.delete(name)

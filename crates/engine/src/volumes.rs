@@ -297,7 +297,21 @@ impl VolumeStore {
 
     /// Mounts the disk images of quota'd volumes that are not mounted (after
     /// a host reboot). Errors are logged: the other volumes stay usable.
+    /// At daemon start: removes volumes a crash left half-made (no
+    /// `meta.json`: they never existed for anyone), then mounts the disk
+    /// images of quota'd volumes.
     pub fn mount_all(&self) {
+        if let Ok(entries) = std::fs::read_dir(&self.root) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if e.path().is_dir() && !e.path().join("meta.json").exists() {
+                    tracing::info!(volume = %name, "removing a half-made volume");
+                    if let Err(err) = self.remove(&name) {
+                        tracing::warn!(volume = %name, error = %err, "cannot remove a half-made volume");
+                    }
+                }
+            }
+        }
         let Ok(list) = self.list() else { return };
         for v in list.iter().filter(|v| v.quota_bytes.is_some()) {
             if let Err(e) = self.ensure_mounted(&v.name) {
