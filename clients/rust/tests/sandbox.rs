@@ -321,7 +321,17 @@ async fn wait_survives_daemon_restart() {
         let sb = sb.clone();
         async move { sb.wait(None).await }
     });
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Restart once the sandbox runs (its supervisor exists): on a fresh
+    // machine the first create also builds the busybox image.
+    let start = std::time::Instant::now();
+    while sb.info().await.unwrap().state != gworker_client::api::SandboxState::Running {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "sandbox never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     d.restart();
     assert_eq!(waiter.await.unwrap().unwrap(), 9);
 }
