@@ -23,7 +23,9 @@ static agent. Baselines run in the same process, interleaved with the
 gworker runs where it matters, so ratios come from the same moment of a noisy
 machine. Every measured run checks its output; failures count against the
 success rate. Prints a table and writes JSON (--json, default
-bench-suite.json).
+bench-suite.json); exits 1 when a target is not met. `--quick` (small run
+counts) takes about 2-3 minutes; the full run about 10. Needs root (it drives
+runsc directly). `--render out.json` prints an earlier run's table.
 """
 import argparse
 import glob
