@@ -190,8 +190,10 @@ impl Engine {
 
     /// Removes sandboxes the registry does not know: unclaimed pool slots of
     /// an earlier daemon, or a create cut short by a crash; and snapshot
-    /// directories of snapshots cut short by a crash.
-    pub async fn remove_orphans(&self) {
+    /// directories of snapshots cut short by a crash. Call before serving and
+    /// before the pool starts: the list is taken at once, the sandboxes are
+    /// stopped in the background, in parallel.
+    pub async fn remove_orphans(self: &Arc<Self>) {
         if let Ok(entries) = std::fs::read_dir(self.cfg.data_dir.join("snapshots")) {
             for e in entries.flatten() {
                 let id = e.file_name().to_string_lossy().into_owned();
@@ -206,13 +208,12 @@ impl Engine {
         };
         for e in entries.flatten() {
             let id = e.file_name().to_string_lossy().into_owned();
-            if crate::check_id(&id).is_err() {
+            if crate::check_id(&id).is_err() || !matches!(self.reg.get_sandbox(&id), Ok(None)) {
                 continue;
             }
-            if matches!(self.reg.get_sandbox(&id), Ok(None)) {
-                tracing::info!(sandbox = %id, "removing an orphaned sandbox (unclaimed pool slot or interrupted create)");
-                self.discard_slot(&id).await;
-            }
+            tracing::info!(sandbox = %id, "removing an orphaned sandbox (unclaimed pool slot or interrupted create)");
+            let engine = self.clone();
+            tokio::spawn(async move { engine.discard_slot(&id).await });
         }
     }
 }

@@ -748,10 +748,47 @@ fn stop_container(shared: Arc<Shared>) {
     // removes runsc's state.
     let pid = shared.lock().runsc_pid;
     if let Some(pid) = pid {
-        // SAFETY: plain kill(2) of our own child, which is not reaped before
-        // runsc_waiter clears `runsc_pid`.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        // Kill runsc's own children (sentry and gofer) first, so that `runsc
+        // run` reaps them and exits: killing only it would orphan them to
+        // PID 1 as zombies, and `runsc delete` waits until they are reaped.
+        let children = child_pids(pid);
+        for c in &children {
+            // SAFETY: kill(2) of processes runsc started for this sandbox.
+            unsafe { libc::kill(*c, libc::SIGKILL) };
+        }
+        if children.is_empty() {
+            // Still booting: stop runsc itself (its sandbox dies with it).
+            // SAFETY: plain kill(2) of our own child, which is not reaped
+            // before runsc_waiter clears `runsc_pid`.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        } else {
+            // Should runsc not notice, make sure it goes anyway.
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                if shared.lock().runsc_pid == Some(pid) {
+                    // SAFETY: as above; still our unreaped child.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            });
+        }
     }
+}
+
+/// The direct children of `pid`, from /proc.
+fn child_pids(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        if let Ok(list) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(
+                list.split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok()),
+            );
+        }
+    }
+    out
 }
 
 async fn runsc_waiter(shared: Arc<Shared>, mut child: tokio::process::Child, gen: u64) {
