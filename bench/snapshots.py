@@ -33,7 +33,7 @@ from gworker_client import Image, Sandbox  # noqa: E402
 WARMUP = (
     "import json, decimal, email.parser, http.client, sqlite3, xml.etree.ElementTree, asyncio, unittest;"
     "blob = bytearray(100 * 1024 * 1024);"
-    "[blob.__setitem__(i, 1) for i in range(0, len(blob), 4096)];"
+    "_ = [blob.__setitem__(i, 1) for i in range(0, len(blob), 4096)];"
     "print('warm', flush=True)"
 )
 
