@@ -156,7 +156,10 @@ impl Volume {
 
     /// Entries under `path` (the volume's root is `/`).
     pub async fn listdir(&self, path: &str, recursive: bool) -> Result<Vec<api::VolumeEntry>> {
-        let l: api::VolumeListing = self.client.get_json(&self.url("files", path, recursive)).await?;
+        let l: api::VolumeListing = self
+            .client
+            .get_json(&self.url("files", path, recursive))
+            .await?;
         Ok(l.entries)
     }
 
@@ -253,7 +256,10 @@ impl Volume {
         {
             let name = e.file_name().to_string_lossy().into_owned();
             let sub = format!("{}/{name}", remote.trim_end_matches('/'));
-            let ft = e.file_type().await.map_err(|e| Error::Config(e.to_string()))?;
+            let ft = e
+                .file_type()
+                .await
+                .map_err(|e| Error::Config(e.to_string()))?;
             if ft.is_symlink() {
                 continue;
             }
@@ -283,7 +289,11 @@ impl Volume {
         let base = remote.trim_matches('/');
         let mut n = 0;
         for e in self.listdir(remote, true).await? {
-            let rel = e.path.strip_prefix(base).unwrap_or(&e.path).trim_start_matches('/');
+            let rel = e
+                .path
+                .strip_prefix(base)
+                .unwrap_or(&e.path)
+                .trim_start_matches('/');
             let dest = local.join(rel);
             match e.kind {
                 api::EntryKind::Dir => tokio::fs::create_dir_all(&dest).await.map_err(io)?,

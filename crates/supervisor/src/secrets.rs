@@ -34,10 +34,7 @@ pub fn load(fd: i32) -> std::io::Result<()> {
 
 /// `spec.env` with the secrets applied, as `KEY=VALUE` byte strings.
 pub fn env_for(spec: &ProcSpec) -> Vec<Vec<u8>> {
-    apply(
-        SECRETS.get().map(|v| v.as_slice()).unwrap_or(&[]),
-        spec,
-    )
+    apply(SECRETS.get().map(|v| v.as_slice()).unwrap_or(&[]), spec)
 }
 
 fn apply(secrets: &[(String, String)], spec: &ProcSpec) -> Vec<Vec<u8>> {
