@@ -223,6 +223,12 @@ fn fail(e: Error, id: Option<&str>) -> Failure {
 }
 
 pub fn run(cmd: SandboxCmd) -> ExitCode {
+    block_on(dispatch(cmd))
+}
+
+/// Runs a command's future on a small runtime and turns its failure into a
+/// message and an exit code.
+fn block_on(fut: impl std::future::Future<Output = CmdResult>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -233,7 +239,7 @@ pub fn run(cmd: SandboxCmd) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = rt.block_on(dispatch(cmd));
+    let result = rt.block_on(fut);
     // Do not wait for the stdin reader thread (it may block on a read forever).
     rt.shutdown_background();
     match result {
@@ -282,17 +288,7 @@ async fn snapshot(a: InfoArgs) -> CmdResult {
 
 /// Runs `gworker snapshot ...`.
 pub fn run_snapshot(cmd: SnapshotCmd) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result: CmdResult = rt.block_on(async move {
+    block_on(async move {
         match cmd {
             SnapshotCmd::Ls(a) => {
                 let c = client(&a.conn)?;
@@ -334,15 +330,7 @@ pub fn run_snapshot(cmd: SnapshotCmd) -> ExitCode {
                 Ok(ExitCode::SUCCESS)
             }
         }
-    });
-    rt.shutdown_background();
-    match result {
-        Ok(code) => code,
-        Err(f) => {
-            eprintln!("error: {}", f.message);
-            ExitCode::from(f.code)
-        }
-    }
+    })
 }
 
 async fn create(a: CreateArgs) -> CmdResult {

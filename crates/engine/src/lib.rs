@@ -221,6 +221,18 @@ fn check_args_env_size(argv: &[String], env: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The entry command (process 0) of a sandbox, if it has one: its env is the
+/// image's overridden by the sandbox's, and its workdir is created if missing.
+fn entry_spec(row: &SandboxRow, image_env: &[(String, String)]) -> Option<ProcSpec> {
+    (!row.cmd.is_empty()).then(|| ProcSpec {
+        argv: row.cmd.clone(),
+        env: merge_env(&[image_env, &row.env]),
+        cwd: row.workdir.clone().unwrap_or_else(|| "/".into()),
+        mkdir_cwd: true,
+        over_secrets: row.env.iter().map(|(k, _)| k.clone()).collect(),
+    })
+}
+
 fn merge_env(layers: &[&[(String, String)]]) -> Vec<String> {
     let mut m: BTreeMap<&str, &str> = BASE_ENV.iter().copied().collect();
     for layer in layers {
@@ -577,13 +589,7 @@ impl Engine {
             .flatten()
             .map(|i| i.env)
             .unwrap_or_default();
-        let entry = (!row.cmd.is_empty()).then(|| ProcSpec {
-            argv: row.cmd.clone(),
-            env: merge_env(&[&image_env, &row.env]),
-            cwd: row.workdir.clone().unwrap_or_else(|| "/".into()),
-            mkdir_cwd: true,
-            over_secrets: row.env.iter().map(|(k, _)| k.clone()).collect(),
-        });
+        let entry = entry_spec(row, &image_env);
         let sup = SupClient::new(self.sock_path(slot));
         sup.claim(entry, row.deadline, row.limits.clone())
             .await
@@ -614,13 +620,11 @@ impl Engine {
             code: ErrorCode::SandboxStartingFailed,
             message: e.to_string(),
         })?;
-        let entry = (!row.cmd.is_empty() && restore.is_none()).then(|| ProcSpec {
-            argv: row.cmd.clone(),
-            env: merge_env(&[&info.env, &row.env]),
-            cwd: row.workdir.clone().unwrap_or_else(|| "/".into()),
-            mkdir_cwd: true,
-            over_secrets: row.env.iter().map(|(k, _)| k.clone()).collect(),
-        });
+        let entry = if restore.is_none() {
+            entry_spec(&row, &info.env)
+        } else {
+            None
+        };
         let secret_env = self.secrets.take(&row.id);
         let launch = LaunchConfig {
             sandbox_id: row.id.clone(),
