@@ -8,6 +8,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+mod image;
+pub use image::*;
+
 pub const API_PREFIX: &str = "/v1";
 /// Largest request body the daemon accepts.
 pub const MAX_BODY: usize = 16 * 1024 * 1024;
@@ -25,7 +28,8 @@ pub struct CreateSandbox {
     /// The entry command's argv; empty or missing keeps the sandbox idle.
     #[serde(default)]
     pub cmd: Option<Vec<String>>,
-    /// Image name: `busybox` or `debian-slim` (the default).
+    /// Image: `busybox`, `debian-slim` (the default), a tag, or an image ID
+    /// from `POST /v1/images/build`.
     #[serde(default)]
     pub image: Option<String>,
     /// Seconds until the sandbox is killed (default 300, at most 86400).
@@ -285,7 +289,7 @@ pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
 pub struct ErrorDetail {
     pub code: ErrorCode,
     pub message: String,
@@ -317,6 +321,11 @@ pub enum ErrorCode {
     SnapshotIncompatible,
     /// A host-side write into a volume went over its quota (or the host disk is full).
     NoSpace,
+    /// A step of an image build failed (its command exited non-zero, a
+    /// package is unknown, ...); the error names the step.
+    ImageBuildFailed,
+    /// A registry could not be reached, refused us, or sent bad data.
+    RegistryFailed,
     Internal,
 }
 
@@ -331,7 +340,8 @@ impl ErrorCode {
             ErrorCode::SandboxNotRunning
             | ErrorCode::Conflict
             | ErrorCode::SnapshotIncompatible => 409,
-            ErrorCode::SnapshotCorrupt => 422,
+            ErrorCode::SnapshotCorrupt | ErrorCode::ImageBuildFailed => 422,
+            ErrorCode::RegistryFailed => 502,
             ErrorCode::OutputDiscarded => 410,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::NoSpace => 507,
@@ -359,6 +369,8 @@ impl ErrorCode {
             ErrorCode::SnapshotCorrupt => "snapshot_corrupt",
             ErrorCode::SnapshotIncompatible => "snapshot_incompatible",
             ErrorCode::NoSpace => "no_space",
+            ErrorCode::ImageBuildFailed => "image_build_failed",
+            ErrorCode::RegistryFailed => "registry_failed",
             ErrorCode::Internal => "internal",
         }
     }
