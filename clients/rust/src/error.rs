@@ -36,6 +36,26 @@ pub enum Error {
         message: String,
     },
 
+    /// An image build or pull failed after it started: a step's command
+    /// exited non-zero (`code` is `image_build_failed`, `exit_code` and the
+    /// tail of its `output` are set), a registry failed (`registry_failed`),
+    /// an unknown base (`not_found`), ...
+    #[error("{message} ({code}{})", exit_code.map(|c| format!(", exit code {c}")).unwrap_or_default(), code = code.as_str())]
+    Build {
+        code: ErrorCode,
+        message: String,
+        /// The failing command's exit code, when a command failed.
+        exit_code: Option<i32>,
+        /// The last lines the failing command printed, when a command failed.
+        output: Option<String>,
+    },
+
+    /// A request the client refuses before sending anything: a bad image
+    /// description (a relative or `..` destination, an unknown Python
+    /// version), a local file that does not exist or cannot be read.
+    #[error("{0}")]
+    InvalidArgument(String),
+
     /// A bad client setting (daemon URL, token).
     #[error("{0}")]
     Config(String),
@@ -56,18 +76,34 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 impl Error {
-    /// The daemon's stable error code, when the daemon answered with one.
+    /// The daemon's stable error code, when the daemon answered with one
+    /// (`invalid_request` for [`Error::InvalidArgument`]).
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             Error::NotFound { .. } => Some(ErrorCode::NotFound),
             Error::Timeout { .. } => Some(ErrorCode::WaitTimeout),
-            Error::Api { code, .. } => Some(*code),
+            Error::Api { code, .. } | Error::Build { code, .. } => Some(*code),
+            // What the daemon would have answered.
+            Error::InvalidArgument(_) => Some(ErrorCode::InvalidRequest),
             Error::Unavailable { .. } | Error::Config(_) | Error::Protocol(_) => None,
         }
     }
 
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::NotFound { .. })
+    }
+
+    /// Whether an image build failed in one of its steps (a command exited
+    /// non-zero, a package is unknown, ...), as opposed to not being able to
+    /// reach a registry or the daemon.
+    pub fn is_build_failure(&self) -> bool {
+        matches!(
+            self,
+            Error::Build {
+                code: ErrorCode::ImageBuildFailed,
+                ..
+            }
+        )
     }
 
     /// Builds the error for an answer with an error status.

@@ -22,6 +22,7 @@
 
 mod client;
 mod error;
+mod image;
 mod sandbox;
 mod store;
 mod stream;
@@ -30,6 +31,7 @@ pub use client::{default_url, Client};
 pub use error::{BoxError, Error, Result};
 pub use gworker_api as api;
 pub use gworker_api::ErrorCode;
+pub use image::{human_bytes, BuildPrinter, Image, Images};
 pub use sandbox::{shell, CreateOptions, ExecOptions, Process, Sandbox, SandboxSnapshot, Stdin};
 pub use store::{Secret, Secrets, Volume};
 pub use stream::{OutputStream, StreamKind, RESUME_WINDOW};

@@ -11,6 +11,7 @@ use hyper::Method;
 
 use crate::client::{seg, Client};
 use crate::error::{Error, Result};
+use crate::image::Image;
 use crate::stream::{OutputStream, StreamKind, RESUME_WINDOW};
 
 /// Options of [`Sandbox::create`]. Every field is optional.
@@ -31,8 +32,12 @@ pub struct CreateOptions {
     /// The entry command's argv; empty keeps the sandbox idle until its
     /// timeout or `terminate()`. See [`shell`] for a shell command line.
     pub cmd: Vec<String>,
-    /// `busybox` or `debian-slim` (the daemon's default).
-    pub image: Option<String>,
+    /// The image: a name (`busybox`, `debian-slim` — the daemon's default —,
+    /// a tag or an image ID; `Some("busybox".into())`) is used as is; any
+    /// other [`Image`] is built first (see [`quiet_build`](Self::quiet_build)).
+    pub image: Option<Image>,
+    /// Build `image` without printing its progress to stderr.
+    pub quiet_build: bool,
     /// Lifetime of the sandbox (daemon default 300 s, at most 24 h).
     pub timeout: Option<Duration>,
     pub env: BTreeMap<String, String>,
@@ -146,10 +151,20 @@ pub struct Sandbox {
 impl Sandbox {
     /// Starts a sandbox running `opts.cmd`. Returns at once (the sandbox may
     /// still be starting); use [`wait`](Self::wait) or [`poll`](Self::poll).
+    /// An image that is more than a name is built first (cached steps are
+    /// not run again), which is what a failed build's [`Error::Build`] comes from.
     pub async fn create(client: &Client, opts: CreateOptions) -> Result<Sandbox> {
+        let image = match opts.image {
+            None => None,
+            Some(image) => Some(match image.name() {
+                Some(name) => name.to_string(),
+                None if opts.quiet_build => image.build_with(client, None, |_| {}).await?.image_id,
+                None => image.build(client).await?.image_id,
+            }),
+        };
         let body = gworker_api::CreateSandbox {
             cmd: Some(opts.cmd),
-            image: opts.image,
+            image,
             timeout: opts.timeout.map(|d| d.as_secs_f64()),
             env: (!opts.env.is_empty()).then_some(opts.env),
             workdir: opts.workdir,

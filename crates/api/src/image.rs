@@ -162,10 +162,7 @@ impl ImageStep {
             ImageStep::AptInstall(p) => format!("apt_install {}", p.join(" ")),
             ImageStep::PipInstall(p) => format!("pip_install {}", p.join(" ")),
             ImageStep::RunCommands(c) => format!("run_commands {}", c.join(" && ")),
-            ImageStep::Env(e) => format!(
-                "env {}",
-                e.keys().cloned().collect::<Vec<_>>().join(" ")
-            ),
+            ImageStep::Env(e) => format!("env {}", e.keys().cloned().collect::<Vec<_>>().join(" ")),
             ImageStep::Workdir(w) => format!("workdir {w}"),
             ImageStep::AddFiles { blob, dest } => {
                 format!("add_files {} -> {dest}", &blob[..blob.len().min(19)])

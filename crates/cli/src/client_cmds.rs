@@ -74,8 +74,10 @@ pub enum SnapshotCmd {
 
 #[derive(Args, Debug)]
 pub struct CreateArgs {
-    /// Image: busybox or debian-slim [default: the daemon's, debian-slim].
-    #[arg(long, value_name = "NAME")]
+    /// Image: busybox, debian-slim, a tag, an image ID, or a TOML image
+    /// description (FILE.toml, see `gworker image build --help`), built
+    /// first with its progress on stderr [default: the daemon's, debian-slim].
+    #[arg(long, value_name = "NAME|FILE")]
     image: Option<String>,
     /// Seconds until the sandbox is killed [default: 300; at most 86400].
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
@@ -203,16 +205,16 @@ fn parse_secs_or_zero(s: &str) -> Result<Duration, String> {
 }
 
 /// A failed command: what to print, and the exit code.
-struct Failure {
-    code: u8,
-    message: String,
+pub(crate) struct Failure {
+    pub(crate) code: u8,
+    pub(crate) message: String,
 }
 
-type CmdResult = Result<ExitCode, Failure>;
+pub(crate) type CmdResult = Result<ExitCode, Failure>;
 
 /// Turns a client error into a message for a person; `id`: the sandbox the
 /// command was about, so "not found" can name it.
-fn fail(e: Error, id: Option<&str>) -> Failure {
+pub(crate) fn fail(e: Error, id: Option<&str>) -> Failure {
     let message = match (&e, id) {
         (Error::NotFound { .. }, Some(id)) => {
             format!("no sandbox {id:?}: it does not exist or was terminated")
@@ -228,7 +230,7 @@ pub fn run(cmd: SandboxCmd) -> ExitCode {
 
 /// Runs a command's future on a small runtime and turns its failure into a
 /// message and an exit code.
-fn block_on(fut: impl std::future::Future<Output = CmdResult>) -> ExitCode {
+pub(crate) fn block_on(fut: impl std::future::Future<Output = CmdResult>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -251,7 +253,7 @@ fn block_on(fut: impl std::future::Future<Output = CmdResult>) -> ExitCode {
     }
 }
 
-fn client(conn: &Conn) -> Result<Client, Failure> {
+pub(crate) fn client(conn: &Conn) -> Result<Client, Failure> {
     let r = match &conn.url {
         Some(u) if !u.is_empty() => Client::new(u, std::env::var("GWORKER_TOKEN").ok().as_deref()),
         _ => Client::from_env(),
@@ -334,10 +336,15 @@ pub fn run_snapshot(cmd: SnapshotCmd) -> ExitCode {
 }
 
 async fn create(a: CreateArgs) -> CmdResult {
+    let image = a
+        .image
+        .as_deref()
+        .map(crate::image_cmds::image_arg)
+        .transpose()?;
     let c = client(&a.conn)?;
     let opts = CreateOptions {
         cmd: a.cmd,
-        image: a.image,
+        image,
         timeout: a.timeout,
         env: a.env.into_iter().collect::<BTreeMap<_, _>>(),
         workdir: a.workdir,
@@ -359,7 +366,9 @@ async fn create(a: CreateArgs) -> CmdResult {
             .collect(),
         ..Default::default()
     };
-    let sb = Sandbox::create(&c, opts).await.map_err(|e| fail(e, None))?;
+    let sb = Sandbox::create(&c, opts)
+        .await
+        .map_err(crate::image_cmds::failure_with_output)?;
     if a.json {
         let info = sb.info().await.map_err(|e| fail(e, Some(sb.id())))?;
         println!("{}", to_json(serde_json::to_value(&info)));
@@ -519,15 +528,21 @@ async fn ls(a: LsArgs) -> CmdResult {
             ]
         })
         .collect();
-    let header = ["ID", "IMAGE", "STATE", "EXIT", "AGE", "CMD"].map(String::from);
-    let mut widths = [0usize; 6];
-    for r in std::iter::once(&header).chain(&rows) {
+    print_table(["ID", "IMAGE", "STATE", "EXIT", "AGE", "CMD"], &rows);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints a header and rows on stdout, each column as wide as its widest cell.
+pub(crate) fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
+    let header = header.map(String::from);
+    let mut widths = [0usize; N];
+    for r in std::iter::once(&header).chain(rows) {
         for (w, cell) in widths.iter_mut().zip(r) {
             *w = (*w).max(cell.chars().count());
         }
     }
     let mut out = std::io::stdout().lock();
-    for r in std::iter::once(&header).chain(&rows) {
+    for r in std::iter::once(&header).chain(rows) {
         let line: Vec<String> = r
             .iter()
             .zip(widths)
@@ -535,7 +550,6 @@ async fn ls(a: LsArgs) -> CmdResult {
             .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 async fn logs(a: LogsArgs) -> CmdResult {
@@ -628,7 +642,7 @@ async fn info(a: InfoArgs) -> CmdResult {
     Ok(ExitCode::SUCCESS)
 }
 
-fn to_json(v: serde_json::Result<serde_json::Value>) -> String {
+pub(crate) fn to_json(v: serde_json::Result<serde_json::Value>) -> String {
     v.and_then(|v| serde_json::to_string_pretty(&v))
         .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
@@ -645,14 +659,14 @@ fn state_text(s: &SandboxInfo) -> String {
     }
 }
 
-fn now_secs() -> f64 {
+pub(crate) fn now_secs() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
 }
 
-fn age(secs: f64) -> String {
+pub(crate) fn age(secs: f64) -> String {
     let s = secs.max(0.0) as u64;
     match s {
         0..=59 => format!("{s}s"),

@@ -2,6 +2,8 @@
 //! the client commands. Thin: parsing and printing only.
 
 mod client_cmds;
+mod image_cmds;
+mod image_file;
 mod serve;
 mod store_cmds;
 
@@ -34,9 +36,9 @@ enum Cmd {
     /// Stored secrets (encrypted at rest; listed by name only).
     #[command(subcommand)]
     Secret(store_cmds::SecretCmd),
-    /// Build and list images.
+    /// Images: build from a description, pull from a registry, list, remove.
     #[command(subcommand)]
-    Image(serve::ImageCmd),
+    Image(image_cmds::ImageCmd),
     /// Internal: the per-sandbox supervisor process (started by the daemon).
     #[command(hide = true)]
     Supervise { dir: std::path::PathBuf },
@@ -47,7 +49,7 @@ fn main() -> std::process::ExitCode {
     match cli.cmd {
         Cmd::Supervise { dir } => gworker_supervisor::server::main(&dir),
         Cmd::Serve(args) => serve::serve(args),
-        Cmd::Image(cmd) => serve::image(cmd),
+        Cmd::Image(cmd) => image_cmds::run(cmd),
         Cmd::Sandbox(cmd) => client_cmds::run(cmd),
         Cmd::Snapshot(cmd) => client_cmds::run_snapshot(cmd),
         Cmd::Volume(cmd) => store_cmds::volume(cmd),

@@ -1,11 +1,10 @@
-//! `gworker serve` and `gworker image`: the commands that run in the daemon's
-//! own process or touch its data directory directly.
+//! `gworker serve`: the command that runs the daemon in this process.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Subcommand};
+use clap::Args;
 use gworker_engine::EngineConfig;
 
 #[derive(Args)]
@@ -35,6 +34,10 @@ pub struct ServeArgs {
     /// Most host memory (MiB) the warm pool may hold (~50 MiB a sandbox).
     #[arg(long, default_value_t = 2048)]
     pool_memory_mb: u64,
+    /// Pull images from this registry (host[:port]) over plain HTTP; repeat
+    /// for several. Loopback registries are always allowed over HTTP.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    insecure_registry: Vec<String>,
     /// Memory limit (MiB) of a sandbox that asks for none.
     #[arg(long, default_value_t = 2048)]
     default_memory: u64,
@@ -69,23 +72,6 @@ fn parse_pool(s: &str) -> Result<(String, usize), String> {
         .parse()
         .map_err(|_| format!("expected a number of sandboxes after '=', got {n:?}"))?;
     Ok((image.to_string(), n))
-}
-
-#[derive(Subcommand)]
-pub enum ImageCmd {
-    /// Build a built-in image (busybox, debian-slim) if it is missing, showing progress.
-    Build {
-        name: String,
-        #[arg(long, env = "GWORKER_DATA_DIR")]
-        data_dir: Option<PathBuf>,
-    },
-    /// List built images.
-    Ls {
-        #[arg(long, env = "GWORKER_DATA_DIR")]
-        data_dir: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
-    },
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -155,6 +141,7 @@ pub fn serve(a: ServeArgs) -> ExitCode {
                 memory_mb: Some(a.max_memory),
                 max_processes: Some(65536),
             },
+            insecure_registries: a.insecure_registry,
         },
         socket: a.socket.unwrap_or_else(gworker_api::default_socket_path),
         listen: a.listen,
@@ -180,57 +167,5 @@ fn init_logging(json: bool) {
         b.json().init();
     } else {
         b.init();
-    }
-}
-
-pub fn image(cmd: ImageCmd) -> ExitCode {
-    match cmd {
-        ImageCmd::Build { name, data_dir } => {
-            let store = gworker_images::ImageStore::new(
-                data_dir.unwrap_or_else(default_data_dir).join("images"),
-            );
-            eprintln!("building {name} (cached after the first build)");
-            match store.ensure(&name, &mut |line| eprintln!("  {line}")) {
-                Ok(info) => {
-                    println!("{}", info.rootfs.display());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("gworker image build: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        ImageCmd::Ls { data_dir, json } => {
-            let store = gworker_images::ImageStore::new(
-                data_dir.unwrap_or_else(default_data_dir).join("images"),
-            );
-            match store.list() {
-                Ok(list) => {
-                    if json {
-                        let v: Vec<_> = list
-                            .iter()
-                            .map(|i| serde_json::json!({"name": i.name, "rootfs": i.rootfs, "size_bytes": i.size_bytes}))
-                            .collect();
-                        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-                    } else {
-                        println!("{:<14} {:>10}  ROOTFS", "NAME", "SIZE");
-                        for i in list {
-                            println!(
-                                "{:<14} {:>9}M  {}",
-                                i.name,
-                                i.size_bytes / (1 << 20),
-                                i.rootfs.display()
-                            );
-                        }
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("gworker image ls: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
     }
 }

@@ -5,6 +5,7 @@
 mod error;
 pub mod openapi;
 mod routes;
+mod routes_images;
 mod routes_store;
 
 use std::net::SocketAddr;

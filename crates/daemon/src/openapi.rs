@@ -4,7 +4,7 @@
 
 use utoipa::OpenApi;
 
-use crate::{routes, routes_store};
+use crate::{routes, routes_images, routes_store};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -44,7 +44,14 @@ use crate::{routes, routes_store};
         routes_store::list_secrets,
         routes_store::create_secret,
         routes_store::get_secret,
-        routes_store::delete_secret
+        routes_store::delete_secret,
+        routes_images::list_images,
+        routes_images::build_image,
+        routes_images::pull_image,
+        routes_images::upload_blob,
+        routes_images::get_image,
+        routes_images::delete_image,
+        routes_images::gc_images
     ),
     components(schemas(
         gworker_api::CreateSandbox,
@@ -74,7 +81,17 @@ use crate::{routes, routes_store};
         gworker_api::VolumeListing,
         gworker_api::CreateSecret,
         gworker_api::SecretInfo,
-        gworker_api::SecretList
+        gworker_api::SecretList,
+        gworker_api::ImageBase,
+        gworker_api::ImageStep,
+        gworker_api::ImageSpec,
+        gworker_api::BuildImage,
+        gworker_api::PullImage,
+        gworker_api::ImageInfo,
+        gworker_api::ImageList,
+        gworker_api::BuildEvent,
+        gworker_api::BlobInfo,
+        gworker_api::GcResult
     ))
 )]
 struct ApiDoc;

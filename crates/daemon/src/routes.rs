@@ -49,6 +49,7 @@ pub fn router(engine: Arc<Engine>, token: Option<Arc<String>>) -> Router {
         )
         .route("/v1/sandboxes/{id}/processes/{pid}/signal", post(signal))
         .merge(crate::routes_store::routes())
+        .merge(crate::routes_images::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(api::MAX_BODY))

@@ -11,6 +11,7 @@
 //! - Killing the daemon loses nothing: supervisors are in their own session and
 //!   are found again through their socket in the data directory.
 
+mod images;
 pub mod pool;
 pub mod registry;
 pub mod secrets;
@@ -105,6 +106,8 @@ pub struct EngineConfig {
     pub default_limits: gworker_runtime::Limits,
     /// Most a sandbox may ask for (`None`: no maximum).
     pub max_limits: gworker_runtime::Limits,
+    /// Registries (host[:port]) pulled from over plain HTTP besides loopback ones.
+    pub insecure_registries: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -288,6 +291,7 @@ impl Engine {
             .unwrap_or_default();
         let secrets = secrets::SecretStore::open(&cfg.data_dir)?;
         volumes::VolumeStore::new(&cfg.data_dir).mount_all();
+        images.cleanup_builds(&cfg.runsc_bin);
         let cfg_pool = cfg.pool.clone();
         let engine = Arc::new(Engine {
             cfg,
@@ -412,12 +416,22 @@ impl Engine {
                 .image
                 .unwrap_or_else(|| gworker_images::DEFAULT_IMAGE.to_string()),
         };
-        if !ImageStore::is_known(&image) {
-            return Err(EngineError::NotFound(format!(
-                "unknown image {image:?}; known images: {}",
-                gworker_images::BUILTIN_IMAGES.join(", ")
-            )));
-        }
+        // Tags are resolved now: the sandbox keeps its image if the tag moves.
+        let (image, image_workdir) = if ImageStore::is_known(&image) {
+            (image, None)
+        } else {
+            let info = self
+                .images
+                .ready(&image)
+                .map_err(|e| EngineError::Internal(e.to_string()))?
+                .ok_or_else(|| {
+                    EngineError::NotFound(format!(
+                        "unknown image {image:?}: built-in images are {}; other names must be tags or IDs of images built with POST /v1/images/build",
+                        gworker_images::BUILTIN_IMAGES.join(", ")
+                    ))
+                })?;
+            (info.name, info.workdir)
+        };
         let timeout = req.timeout.unwrap_or(api::DEFAULT_TIMEOUT_SECS);
         if !(timeout.is_finite() && timeout > 0.0 && timeout <= api::MAX_TIMEOUT_SECS) {
             return Err(EngineError::Invalid(format!(
@@ -438,7 +452,7 @@ impl Engine {
                 m.extend(env);
                 (m, req.workdir.or(s.workdir.clone()))
             }
-            None => (env, req.workdir),
+            None => (env, req.workdir.or(image_workdir)),
         };
         // Everything a restore depends on is checked before the sandbox exists,
         // so a refused restore leaves nothing behind.

@@ -20,8 +20,14 @@
 //! directories. Every image contains an empty `/.gworker` directory, where the
 //! engine bind-mounts its static agent binary.
 
+mod buildnet;
+mod built;
 mod fsutil;
 mod recipe;
+pub mod registry;
+mod step;
+
+pub use built::{check_tag, validate_spec, BuildFailure, BuildOptions, ImageConfig};
 
 use std::fs;
 use std::io;
@@ -40,14 +46,14 @@ pub use recipe::RECIPE_VERSION;
 pub const DEFAULT_IMAGE: &str = "debian-slim";
 
 /// Images this crate knows how to build.
-pub const BUILTIN_IMAGES: &[&str] = &["busybox", "debian-slim"];
+pub const BUILTIN_IMAGES: &[&str] = &["busybox", "debian-slim", "debian-slim-trixie"];
 
 /// Name of the metadata file next to an image's `rootfs`.
 const META_FILE: &str = "image.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("unknown image {0:?}; known images: busybox, debian-slim")]
+    #[error("unknown image {0:?}; built-in images are busybox, debian-slim and debian-slim-trixie; other names must be tags or IDs of built images")]
     Unknown(String),
     #[error("cannot build image {image}: {reason}")]
     Build { image: String, reason: String },
@@ -66,6 +72,9 @@ pub enum ImageError {
         #[source]
         source: io::Error,
     },
+    /// A registry could not be reached, refused us, or sent bad data.
+    #[error("{0}")]
+    Registry(String),
     #[error("image store i/o error: {0}")]
     Io(#[from] io::Error),
 }
@@ -81,6 +90,9 @@ pub struct ImageInfo {
     pub built_at: SystemTime,
     /// Default environment for processes in this image (PATH, HOME, ...).
     pub env: Vec<(String, String)>,
+    /// Default working directory and user of its processes.
+    pub workdir: Option<String>,
+    pub user: Option<String>,
 }
 
 /// On-disk form of `image.json`. Private: not a wire type.
@@ -105,7 +117,7 @@ pub struct ImageStore {
     tools: recipe::Tools,
 }
 
-static UNIQUE: AtomicU64 = AtomicU64::new(0);
+pub(crate) static UNIQUE: AtomicU64 = AtomicU64::new(0);
 
 impl ImageStore {
     /// A store at `root` (created on first build). Tools come from the
@@ -161,13 +173,16 @@ impl ImageStore {
         }
     }
 
-    fn image_dir(&self, name: &str) -> PathBuf {
+    pub(crate) fn image_dir(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }
 
-    /// The image if it is built, without building it.
+    /// The image if it is built, without building it: a built-in one by
+    /// name, or a built one by tag or ID (its root filesystem mounted).
     pub fn ready(&self, name: &str) -> Result<Option<ImageInfo>, ImageError> {
-        Self::check_known(name)?;
+        if !Self::is_known(name) {
+            return self.built_ready(name);
+        }
         let dir = self.image_dir(name);
         let meta_path = dir.join(META_FILE);
         let text = match fs::read_to_string(&meta_path) {
@@ -190,6 +205,8 @@ impl ImageStore {
             size_bytes: meta.size_bytes,
             built_at: UNIX_EPOCH + Duration::new(meta.built_at_unix_secs, meta.built_at_nanos),
             env: meta.env,
+            workdir: None,
+            user: None,
         }))
     }
 
@@ -202,7 +219,12 @@ impl ImageStore {
         name: &str,
         progress: &mut dyn FnMut(&str),
     ) -> Result<ImageInfo, ImageError> {
-        Self::check_known(name)?;
+        if !Self::is_known(name) {
+            // Images built from a description are built by `build`, not here.
+            return self
+                .built_ready(name)?
+                .ok_or_else(|| ImageError::Unknown(name.to_string()));
+        }
         if let Some(info) = self.ready(name)? {
             return Ok(info);
         }
@@ -321,7 +343,7 @@ impl ImageStore {
     }
 
     /// Take the image's exclusive lock, waiting for other holders.
-    fn lock(
+    pub(crate) fn lock(
         &self,
         name: &str,
         progress: &mut dyn FnMut(&str),
@@ -365,7 +387,7 @@ impl ImageStore {
 }
 
 /// Deletes a build directory unless disarmed (set to `None`).
-struct RemoveOnDrop(Option<PathBuf>);
+pub(crate) struct RemoveOnDrop(pub(crate) Option<PathBuf>);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
@@ -375,6 +397,25 @@ impl Drop for RemoveOnDrop {
             }
         }
     }
+}
+
+/// What a registry pull yields for the image store.
+pub(crate) struct Pulled {
+    pub manifest_digest: String,
+    pub layers: Vec<String>,
+    pub config: ImageConfig,
+}
+
+/// Pulls a registry image's layers into the store.
+pub(crate) fn pull_registry(
+    _store: &ImageStore,
+    reference: &str,
+    _opts: &mut BuildOptions<'_>,
+) -> Result<Pulled, BuildFailure> {
+    Err(BuildFailure::new(
+        gworker_api::ErrorCode::NotSupported,
+        format!("cannot pull {reference}: registry images are not supported yet"),
+    ))
 }
 
 #[cfg(test)]

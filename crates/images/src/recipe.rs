@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::{fsutil, ImageError};
 
 /// Bumped when a recipe changes what it produces; stored in image.json.
-pub const RECIPE_VERSION: u32 = 2;
+pub const RECIPE_VERSION: u32 = 3;
 
 pub(crate) const STD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -93,6 +93,31 @@ fn host_debian_sources(suite: &str) -> Option<PathBuf> {
     })
 }
 
+/// The archive URI of the host's apt sources (deb822 `URIs:` or a `deb` line).
+fn host_debian_uri() -> Option<String> {
+    for p in [
+        "/etc/apt/sources.list.d/debian.sources",
+        "/etc/apt/sources.list",
+    ] {
+        let Ok(text) = fs::read_to_string(p) else {
+            continue;
+        };
+        for line in text.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("URIs:") {
+                if let Some(u) = rest.split_whitespace().next() {
+                    return Some(u.to_string());
+                }
+            }
+            if let Some(rest) = line.strip_prefix("deb ") {
+                if let Some(u) = rest.split_whitespace().find(|w| w.contains("://")) {
+                    return Some(u.to_string());
+                }
+            }
+        }
+    }
+    None
+}
+
 /// Build image `name` into `rootfs`; returns its default environment.
 pub fn build(
     name: &str,
@@ -102,7 +127,8 @@ pub fn build(
 ) -> Result<Vec<(String, String)>, ImageError> {
     match name {
         "busybox" => build_busybox(tools, rootfs, progress),
-        "debian-slim" => build_debian_slim(tools, rootfs, progress),
+        "debian-slim" => build_debian_slim(tools, "bookworm", rootfs, progress),
+        "debian-slim-trixie" => build_debian_slim(tools, "trixie", rootfs, progress),
         other => Err(ImageError::Unknown(other.to_string())),
     }
 }
@@ -234,23 +260,34 @@ fn build_busybox(
     ])
 }
 
+/// Packages every debian-slim gets besides minbase: Python and pip (and
+/// what apt needs to fetch over HTTPS).
+const DEBIAN_PACKAGES: &str = "python3,python3-pip,ca-certificates";
+
 fn build_debian_slim(
     tools: &Tools,
+    suite: &str,
     rootfs: &Path,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<(String, String)>, ImageError> {
     const IMG: &str = "debian-slim";
+    let include = format!("--include={DEBIAN_PACKAGES}");
     let mut cmd = Command::new(&tools.mmdebstrap);
-    cmd.args(["--variant=minbase", "--include=python3", "bookworm"])
-        .arg(rootfs);
-    if let Some(m) = &tools.debian_mirror {
+    cmd.args(["--variant=minbase", &include, suite]).arg(rootfs);
+    // The host's sources name its own release; other releases come from the
+    // same archive URI.
+    let mirror = if suite == "bookworm" {
+        tools.debian_mirror.clone()
+    } else {
+        Some(host_debian_uri().unwrap_or_else(|| "http://deb.debian.org/debian".into()))
+    };
+    if let Some(m) = &mirror {
         cmd.arg(m);
     }
     progress(&format!(
-        "building debian-slim: running {} --variant=minbase --include=python3 bookworm{}",
+        "building debian-slim ({suite}): running {} --variant=minbase {include} {suite}{}",
         tools.mmdebstrap.display(),
-        tools
-            .debian_mirror
+        mirror
             .as_deref()
             .map(|m| format!(" (mirror: {m})"))
             .unwrap_or_default()
@@ -294,12 +331,33 @@ fn build_debian_slim(
         ));
     }
     install_statx_fix(rootfs)?;
+    allow_system_pip(rootfs)?;
     finalize(IMG, rootfs)?;
     Ok(vec![
         ("PATH".into(), STD_PATH.into()),
         ("HOME".into(), "/root".into()),
         ("LANG".into(), "C.UTF-8".into()),
     ])
+}
+
+/// A sandbox is the user's own machine: `pip install` should just work, as
+/// in Modal's images, so drop Debian's PEP 668 marker.
+fn allow_system_pip(rootfs: &Path) -> Result<(), ImageError> {
+    let lib = rootfs.join("usr/lib");
+    let Ok(entries) = fs::read_dir(&lib) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with("python3") {
+            let marker = e.path().join("EXTERNALLY-MANAGED");
+            match fs::remove_file(&marker) {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => return Err(io_ctx("debian-slim", "remove", &marker, err)),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Compiles `statx_fix.c` (see there: `ls` fails under this gVisor without

@@ -139,11 +139,12 @@ fn unknown_image_is_an_error() {
     assert!(ImageStore::is_known(DEFAULT_IMAGE));
     let err = store.ensure("alpine", &mut |_| {}).unwrap_err();
     assert!(matches!(err, ImageError::Unknown(ref n) if n == "alpine"));
-    assert_eq!(
-        err.to_string(),
-        "unknown image \"alpine\"; known images: busybox, debian-slim"
+    assert!(
+        err.to_string()
+            .starts_with("unknown image \"alpine\"; built-in images are busybox, debian-slim"),
+        "{err}"
     );
-    assert!(matches!(store.ready("../etc"), Err(ImageError::Unknown(_))));
+    assert!(matches!(store.ready("../etc"), Ok(None)));
     assert!(matches!(
         store.remove("alpine"),
         Err(ImageError::Unknown(_))
@@ -244,7 +245,7 @@ fn build_with_fake_mmdebstrap_gets_skeleton_and_env() {
     assert!(
         lines
             .iter()
-            .any(|l| l.starts_with("building debian-slim: running ")),
+            .any(|l| l.starts_with("building debian-slim (bookworm): running ")),
         "{lines:?}"
     );
     assert!(

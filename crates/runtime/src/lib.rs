@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 pub mod cgroup;
+pub mod net;
 pub use cgroup::{Cgroup, Limits};
 
 /// Where the agent binary appears inside every sandbox.
@@ -228,7 +229,7 @@ pub struct BindMount {
 
 /// Docker's default capability set without CAP_NET_RAW: root inside the
 /// sandbox can install packages and change ownership; gVisor is the boundary.
-const CAPABILITIES: &[&str] = &[
+pub const CAPABILITIES: &[&str] = &[
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
     "CAP_FSETID",

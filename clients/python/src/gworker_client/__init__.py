@@ -27,6 +27,7 @@ from .exceptions import (
     NotSupportedError,
     OutputDiscardedError,
     PayloadTooLargeError,
+    RegistryError,
     SandboxNotRunningError,
     SandboxStartFailedError,
     SandboxTimeoutError,
@@ -37,7 +38,7 @@ from .exceptions import (
     UnauthorizedError,
     WorkdirNotFoundError,
 )
-from .image import Image
+from .image import Image, ImageBuildError
 from .sandbox import Sandbox, SandboxProcess, SandboxSnapshot
 from .secret import Secret
 from .volume import Volume, VolumeEntry
@@ -49,6 +50,8 @@ __all__ = [
     "SandboxProcess",
     "SandboxSnapshot",
     "Image",
+    "ImageBuildError",
+    "RegistryError",
     "Secret",
     "Volume",
     "VolumeEntry",

@@ -231,6 +231,27 @@ class Transport:
             text = data[:500].decode("utf-8", "replace")
             return GworkerError(f"HTTP {status} from the gworker daemon: {text}", status=status)
 
+    def open_post_stream(
+        self, path: str, body: bytes
+    ) -> Tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """POST a JSON body on a dedicated connection (no read timeout) and
+        return the connection and the streamed response (e.g. build events)."""
+        conn = self._new_connection(None)
+        self._connect(conn)
+        try:
+            conn.request("POST", path, body=body, headers=self._headers("application/json"))
+            resp = conn.getresponse()
+            if resp.status != 200:
+                data = resp.read()
+                conn.close()
+                raise self.error(resp.status, data)
+            return conn, resp
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            if isinstance(e, GworkerError):
+                raise
+            raise self.unavailable(f"connection lost: {e!r}") from e
+
     def open_stream(self, path: str) -> Tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """Open a streamed GET on a dedicated connection (no read timeout).
         Returns the connection and the response positioned at the body. Any

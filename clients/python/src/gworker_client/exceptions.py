@@ -29,6 +29,7 @@ __all__ = [
     "SnapshotCorruptError",
     "SnapshotIncompatibleError",
     "InternalError",
+    "RegistryError",
     "SandboxStartFailedError",
     "DaemonUnavailableError",
     "error_from_response",
@@ -157,6 +158,12 @@ class SnapshotIncompatibleError(SnapshotError):
     default_code = "snapshot_incompatible"
 
 
+class RegistryError(GworkerError):
+    """A registry could not be reached, refused the pull, or sent bad data."""
+
+    default_code = "registry_failed"
+
+
 class InternalError(GworkerError):
     """A bug in the daemon; never expected."""
 
@@ -196,6 +203,7 @@ _BY_CODE: Dict[str, Type[GworkerError]] = {
         SnapshotIncompatibleError,
         InternalError,
         SandboxStartFailedError,
+        RegistryError,
     )
 }
 

@@ -331,7 +331,10 @@ class Sandbox:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
             raise TypeError(f"timeout is a number of seconds, not {type(timeout).__name__}")
         body: Dict[str, Any] = {"cmd": _argv(cmd, "cmd"), "timeout": float(timeout)}
+        transport = Transport.from_env()
         if image is not None:  # omitted with a snapshot: the snapshot's image
+            if image._needs_build():
+                image._build(transport)
             body["image"] = image.name
         if env is not None:
             body["env"] = _env(env)
@@ -356,7 +359,6 @@ class Sandbox:
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise TypeError(f"{key} is a number, not {type(value).__name__}")
                 body[key] = float(value) if key == "cpu" else int(value)
-        transport = Transport.from_env()
         info = transport.call("POST", "/v1/sandboxes", body)
         return cls(info["sandbox_id"], _transport=transport, _info=info)
 

@@ -1,0 +1,194 @@
+//! A real daemon for the CLI's tests: `gworker serve` (this same binary) on
+//! a private data dir and socket; its sandboxes are terminated and it is
+//! killed on drop. Skipped (with a message) only when runsc is missing.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_gworker");
+
+pub fn have_runsc() -> bool {
+    if let Some(p) = std::env::var_os("GWORKER_RUNSC") {
+        return Path::new(&p).is_file();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join("runsc").is_file()))
+}
+
+/// `gworker serve` on a private data dir and socket; its sandboxes are
+/// terminated and it is killed on drop.
+pub struct Daemon {
+    child: Child,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub url: String,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+macro_rules! daemon_or_skip {
+    () => {
+        match common::Daemon::start() {
+            Some(d) => d,
+            None => {
+                eprintln!("skipping: runsc (gVisor) is not installed");
+                return;
+            }
+        }
+    };
+}
+pub(crate) use daemon_or_skip;
+
+impl Daemon {
+    pub fn start() -> Option<Daemon> {
+        if !have_runsc() {
+            return None;
+        }
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("gwc-cli-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("gw.sock");
+        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+        let child = Command::new(BIN)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--socket")
+            .arg(&socket)
+            .env_remove("GWORKER_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start gworker serve");
+        let url = format!("unix://{}", socket.display());
+        let mut d = Daemon {
+            child,
+            dir,
+            socket,
+            url,
+        };
+        let start = Instant::now();
+        while !matches!(http(&d.socket, "GET", "/v1/health"), Ok((200, _))) {
+            if let Ok(Some(st)) = d.child.try_wait() {
+                panic!("gworker serve exited ({st}):\n{}", d.log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "daemon not healthy:\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(d)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// `gworker sandbox ARGS...` against this daemon.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("sandbox")
+            .args(args)
+            .env("GWORKER_URL", &self.url)
+            .env_remove("GWORKER_TOKEN");
+        c
+    }
+
+    /// `gworker ARGS...` (any command) against this daemon; never waits for stdin.
+    pub fn gw(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("GWORKER_URL", &self.url)
+            .env_remove("GWORKER_TOKEN")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run gworker")
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run gworker")
+    }
+
+    /// Runs a command that must succeed; its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "gworker sandbox {args:?} failed: {}\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    pub fn create(&self, args: &[&str]) -> String {
+        let mut all = vec!["create", "--image", "busybox", "--timeout", "120"];
+        all.extend_from_slice(args);
+        let id = self.ok(&all).trim().to_string();
+        assert!(id.starts_with("sb-") && !id.contains('\n'), "{id:?}");
+        id
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok((200, body)) = http(&self.socket, "GET", "/v1/sandboxes") {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
+                for sb in v["sandboxes"].as_array().into_iter().flatten() {
+                    if let Some(id) = sb["sandbox_id"].as_str() {
+                        let _ = http(&self.socket, "DELETE", &format!("/v1/sandboxes/{id}"));
+                    }
+                }
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- daemon log ({}) ---\n{}",
+                self.dir.display(),
+                self.log()
+            );
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Minimal blocking HTTP over the socket, for setup/teardown only.
+pub fn http(socket: &Path, method: &str, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(buf.len());
+    let status = String::from_utf8_lossy(&buf[..split])
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, buf[(split + 4).min(buf.len())..].to_vec()))
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
