@@ -25,6 +25,8 @@
 //! cleanup_stale(keep: &dyn Fn(&str) -> bool, state_dir: &Path) -> Result<Vec<String>, NetError>
 //! runsc_wrapper() -> Vec<String>                      // unshare … sh -c 'mount … && exec "$@"' sh
 //! wrap_runsc(cmd: &Command) -> Command                // a runsc Command, wrapped, --network=sandbox
+//! host_nameservers() -> Vec<Ipv4Addr>                 // what setup() allows on port 53
+//! Ipv4Cidr: FromStr ("10.0.0.0/8", "1.2.3.4"), Display, serde as a string
 //! ```
 //!
 //! # Policies
@@ -50,8 +52,9 @@
 //! `127.0.0.53` cannot be reached from a sandbox and are left out), even if
 //! they are private addresses. Nothing can connect *into* a sandbox (not other
 //! sandboxes, not the outside); replies to the sandbox's own connections
-//! (conntrack ESTABLISHED,RELATED) come back. IPv4 only: IPv6 is disabled on
-//! both veth ends.
+//! (conntrack ESTABLISHED,RELATED) come back. The host itself may connect to
+//! a sandbox's address (its own output is not filtered; the replies are
+//! accepted as ESTABLISHED). IPv4 only: IPv6 is disabled on both veth ends.
 //!
 //! # Rules
 //!
@@ -125,6 +128,12 @@
 //!    process is runsc itself (same pid).
 //! 5. After runsc is gone (`delete`d), [`SandboxNet::teardown`]. At daemon
 //!    start, [`cleanup_stale`] with the ids of the sandboxes that still live.
+//!
+//! Checkpoints: this runsc refuses to checkpoint a sandbox that has a TCP
+//! endpoint connected or in TIME_WAIT ("endpoint cannot be saved in connected
+//! state"; TIME_WAIT lasts about 60 s after a close). A networked sandbox
+//! without such endpoints checkpoints, and restores with working network into
+//! its netns after a new [`SandboxNet::setup`] (verified by hand).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -474,18 +483,22 @@ pub fn cleanup_stale(
         .filter(|id| valid_id(id) && !keep(id))
         .collect();
     let mut first_err = None;
-    for id in &stale {
-        tracing::info!(id, "removing a stale sandbox network");
-        if let Err(e) = teardown_locked(id, state_dir) {
-            tracing::warn!(id, error = %e, "cannot remove a stale sandbox network");
+    if !stale.is_empty() {
+        tracing::info!(ids = ?stale, "removing stale sandbox networks");
+        let set: BTreeSet<String> = stale.iter().cloned().collect();
+        if let Err(e) = teardown_many_locked(&set, state_dir) {
+            tracing::warn!(error = %e, "cannot remove stale sandbox networks");
             first_err.get_or_insert(e);
         }
     }
     // Interfaces nobody owns (no alias, peer netns gone or unnamed).
-    for l in scan_links()?.iter().filter(|l| l.owner.is_none()) {
-        if let Err(e) = del_link(&l.name) {
-            first_err.get_or_insert(e);
-        }
+    let orphans: Vec<String> = scan_links()?
+        .into_iter()
+        .filter(|l| l.owner.is_none())
+        .map(|l| l.name)
+        .collect();
+    if let Err(e) = del_links(&orphans) {
+        first_err.get_or_insert(e);
     }
     // Sandbox chains no rule jumps to.
     if let Err(e) = apply_rules(&|rs| match rs.tables.get("filter") {
@@ -528,8 +541,9 @@ pub fn runsc_wrapper() -> Vec<String> {
 }
 
 /// The runsc command `cmd` (as built by [`crate::Runsc`]) run through
-/// [`runsc_wrapper`], with `--network=none` replaced by `--network=sandbox`
-/// (added before the subcommand if there was no `--network` flag).
+/// [`runsc_wrapper`], with its `--network=…` flag (`none` from
+/// [`crate::Runsc`]) replaced by `--network=sandbox` (added before the
+/// subcommand if there was none).
 /// Environment and working directory are copied; stdio is the caller's to set.
 pub fn wrap_runsc(cmd: &Command) -> Command {
     let wrapper = runsc_wrapper();
@@ -580,7 +594,9 @@ fn setup_locked(
         .filter(|l| l.owner.as_deref() == Some(id))
         .map(|l| l.slot)
         .collect();
-    preferred.extend(states.get(id).copied());
+    preferred.extend(states.get(id).copied().flatten());
+    // Recorded before anything is made (see `StateFile`).
+    write_state(state_dir, id, preferred.first().copied())?;
     for l in links.iter().filter(|l| l.owner.as_deref() == Some(id)) {
         del_link(&l.name)?;
     }
@@ -594,7 +610,7 @@ fn setup_locked(
         states
             .iter()
             .filter(|(i, _)| i.as_str() != id)
-            .map(|(_, s)| *s),
+            .filter_map(|(_, s)| *s),
     );
 
     run("ip", &["netns", "add", &netns], None)?;
@@ -636,7 +652,7 @@ fn setup_locked(
         }
     }
     let slot = slot.ok_or(NetError::PoolExhausted)?;
-    write_state(state_dir, id, slot)?;
+    write_state(state_dir, id, Some(slot))?;
 
     let (host_ip, guest_ip) = slot_addrs(slot);
     let host_if = format!("{HOST_IF_PREFIX}{slot}");
@@ -677,12 +693,22 @@ fn setup_locked(
 }
 
 fn teardown_locked(id: &str, state_dir: &Path) -> Result<(), NetError> {
-    // Rules first: once the interface is gone its slot can be claimed by
+    teardown_many_locked(&BTreeSet::from([id.to_string()]), state_dir)
+}
+
+/// Tears down several ids at once: one iptables transaction, one `ip`
+/// batch for the interfaces, one for the namespaces.
+fn teardown_many_locked(ids: &BTreeSet<String>, state_dir: &Path) -> Result<(), NetError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let owned = |owner: Option<&str>| owner.is_some_and(|o| ids.contains(o));
+    // Rules first: once an interface is gone its slot can be claimed by
     // another process at once, and the slot must not carry our rules then.
     apply_rules(&|rs| {
         let mut batch = String::new();
         for (name, table) in &rs.tables {
-            let doomed = |r: &str| owner_of(r) == Some(id);
+            let doomed = |r: &str| owned(owner_of(r));
             let lines = removal_lines(table, &doomed, &BTreeSet::new());
             if !lines.is_empty() {
                 batch.push_str(&format!("*{name}\n{}COMMIT\n", lines.concat()));
@@ -690,18 +716,43 @@ fn teardown_locked(id: &str, state_dir: &Path) -> Result<(), NetError> {
         }
         batch
     })?;
-    for l in scan_links()?
+    let links: Vec<String> = scan_links()?
+        .into_iter()
+        .filter(|l| owned(l.owner.as_deref()))
+        .map(|l| l.name)
+        .collect();
+    del_links(&links)?;
+    let namespaces: Vec<String> = ids
         .iter()
-        .filter(|l| l.owner.as_deref() == Some(id))
-    {
-        del_link(&l.name)?;
+        .map(|id| format!("{NETNS_PREFIX}{id}"))
+        .filter(|n| Path::new(NETNS_DIR).join(n).exists())
+        .collect();
+    if !namespaces.is_empty() {
+        let batch: String = namespaces
+            .iter()
+            .map(|n| format!("netns del {n}\n"))
+            .collect();
+        let r = run("ip", &["-force", "-batch", "-"], Some(&batch));
+        if let Some(n) = namespaces
+            .iter()
+            .find(|n| Path::new(NETNS_DIR).join(n).exists())
+        {
+            return Err(r.err().unwrap_or(NetError::Command {
+                command: format!("ip netns del {n}"),
+                message: "the netns is still there".into(),
+            }));
+        }
     }
-    del_netns(&format!("{NETNS_PREFIX}{id}"))?;
-    let path = state_path(state_dir, id);
-    match fs::remove_file(&path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err("cannot remove", &path)(e)),
-        _ => Ok(()),
+    for id in ids {
+        let path = state_path(state_dir, id);
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(io_err("cannot remove", &path)(e))
+            }
+            _ => {}
+        }
     }
+    Ok(())
 }
 
 fn slot_addrs(slot: u32) -> (Ipv4Addr, Ipv4Addr) {
@@ -741,6 +792,31 @@ fn del_link(name: &str) -> Result<(), NetError> {
     }
 }
 
+/// Deletes interfaces (one `ip` batch); fine if some are already gone.
+fn del_links(names: &[String]) -> Result<(), NetError> {
+    match names {
+        [] => Ok(()),
+        [one] => del_link(one),
+        _ => {
+            let batch: String = names
+                .iter()
+                .map(|n| format!("link del dev {n}\n"))
+                .collect();
+            match run("ip", &["-force", "-batch", "-"], Some(&batch)) {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    let left = scan_links()?;
+                    if left.iter().any(|l| names.contains(&l.name)) {
+                        Err(e)
+                    } else {
+                        Ok(())
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn del_netns(name: &str) -> Result<(), NetError> {
     if !Path::new(NETNS_DIR).join(name).exists() {
         return Ok(());
@@ -771,14 +847,17 @@ fn lock(state_dir: &Path) -> Result<Flock<fs::File>, NetError> {
 #[derive(Serialize, Deserialize)]
 struct StateFile {
     id: String,
-    slot: u32,
+    /// None until a slot is claimed: the file is written before anything
+    /// else of the id exists, so a state dir lists every id that may have
+    /// leftovers.
+    slot: Option<u32>,
 }
 
 fn state_path(state_dir: &Path, id: &str) -> PathBuf {
     state_dir.join(format!("{id}.json"))
 }
 
-fn write_state(state_dir: &Path, id: &str, slot: u32) -> Result<(), NetError> {
+fn write_state(state_dir: &Path, id: &str, slot: Option<u32>) -> Result<(), NetError> {
     let path = state_path(state_dir, id);
     let tmp = state_dir.join(format!(".{id}.json.tmp"));
     let body = serde_json::to_vec(&StateFile {
@@ -790,8 +869,8 @@ fn write_state(state_dir: &Path, id: &str, slot: u32) -> Result<(), NetError> {
     fs::rename(&tmp, &path).map_err(io_err("cannot write", &path))
 }
 
-/// id → slot of every readable state file.
-fn read_states(state_dir: &Path) -> BTreeMap<String, u32> {
+/// id → slot (if claimed) of every readable state file.
+fn read_states(state_dir: &Path) -> BTreeMap<String, Option<u32>> {
     let mut out = BTreeMap::new();
     let Ok(entries) = fs::read_dir(state_dir) else {
         return out;
@@ -808,7 +887,7 @@ fn read_states(state_dir: &Path) -> BTreeMap<String, u32> {
             .ok()
             .and_then(|b| serde_json::from_slice::<StateFile>(&b).ok())
         {
-            Some(s) if s.id == id && s.slot < SLOTS => {
+            Some(s) if s.id == id && s.slot.is_none_or(|n| n < SLOTS) => {
                 out.insert(s.id, s.slot);
             }
             _ => {
