@@ -20,7 +20,7 @@ log() { echo "install-deps: $*"; }
 # iproute2 + iptables: sandbox networking (netns, veth, NAT);
 # util-linux: flock/unshare; gcc + libc6-dev: linker and static glibc for the
 # agent; binutils: readelf (static check); sqlite3: inspecting the daemon's DB.
-apt_pkgs=(runsc busybox-static mmdebstrap iproute2 iptables util-linux gcc libc6-dev binutils sqlite3)
+apt_pkgs=(runsc busybox-static mmdebstrap iproute2 iptables util-linux gcc libc6-dev binutils sqlite3 docker-registry apache2-utils)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

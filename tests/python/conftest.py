@@ -40,6 +40,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     finally:
         mp.undo()
         d.stop()
+        d.unmount_images()
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 

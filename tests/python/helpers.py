@@ -99,6 +99,19 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.kill()
 
+    def unmount_images(self) -> None:
+        """Lazily unmount the image mounts the daemon left (they outlive it on
+        purpose, for its sandboxes), so the test's temp dir can be removed."""
+        mnt = str(self.data_dir / "images" / "mnt")
+        try:
+            lines = Path("/proc/self/mountinfo").read_text().splitlines()
+        except OSError:
+            return
+        for line in lines:
+            target = line.split(" ")[4]
+            if target.startswith(mnt + "/"):
+                subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+
     def log_tail(self, n: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])

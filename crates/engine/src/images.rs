@@ -100,7 +100,6 @@ impl Engine {
                 credentials,
                 insecure_registries: engine.cfg.insecure_registries.clone(),
                 force_pull,
-                net_state_dir: engine.cfg.data_dir.join("net"),
                 events: &mut send,
             };
             engine.images.build(&spec, tag.as_deref(), &mut opts)

@@ -101,8 +101,6 @@ pub struct BuildOptions<'a> {
     pub insecure_registries: Vec<String>,
     /// Pull registry bases even if a pull of the same reference is cached.
     pub force_pull: bool,
-    /// Where network namespaces of build steps keep their state.
-    pub net_state_dir: PathBuf,
     pub events: &'a mut dyn FnMut(BuildEvent),
 }
 
@@ -190,8 +188,10 @@ pub fn validate_spec(spec: &ImageSpec) -> Result<(), BuildFailure> {
                     .join(", ")
             )))
         }
-        ImageBase::Registry { reference, .. } if reference.trim().is_empty() => {
-            return Err(BuildFailure::invalid("the registry reference is empty"))
+        ImageBase::Registry { reference, .. } => {
+            if let Err(e) = crate::registry::Reference::parse(reference) {
+                return Err(BuildFailure::invalid(e.to_string()));
+            }
         }
         _ => {}
     }
@@ -299,6 +299,10 @@ impl ImageStore {
     }
     fn blob_path(&self, hex: &str) -> PathBuf {
         self.root.join("blobs").join(hex)
+    }
+    /// Network state of build steps (see `gworker_runtime::net`).
+    pub(crate) fn net_state_dir(&self) -> PathBuf {
+        self.root.join(".net")
     }
     pub(crate) fn runsc_state_dir(&self) -> PathBuf {
         self.root.join(".runsc")
@@ -552,7 +556,13 @@ impl ImageStore {
                             .flatten()
                             .map(|i| i.size_bytes)
                             .unwrap_or(0),
-                        None => self.read_layer(l).map(|m| m.size_bytes).unwrap_or(0),
+                        None => self.read_layer(l).map(|m| m.size_bytes).unwrap_or_else(|| {
+                            crate::registry::read_layer_meta(&self.layers_dir(), l)
+                                .ok()
+                                .flatten()
+                                .map(|m| m.unpacked_bytes)
+                                .unwrap_or(0)
+                        }),
                     })
                     .sum();
                 let rec = Record {

@@ -408,14 +408,41 @@ pub(crate) struct Pulled {
 
 /// Pulls a registry image's layers into the store.
 pub(crate) fn pull_registry(
-    _store: &ImageStore,
+    store: &ImageStore,
     reference: &str,
-    _opts: &mut BuildOptions<'_>,
+    opts: &mut BuildOptions<'_>,
 ) -> Result<Pulled, BuildFailure> {
-    Err(BuildFailure::new(
-        gworker_api::ErrorCode::NotSupported,
-        format!("cannot pull {reference}: registry images are not supported yet"),
-    ))
+    let parsed = registry::Reference::parse(reference)
+        .map_err(|e| BuildFailure::new(gworker_api::ErrorCode::InvalidRequest, e.to_string()))?;
+    let popts = registry::PullOptions {
+        insecure_registries: opts.insecure_registries.clone(),
+        credentials: opts.credentials.clone(),
+        ..Default::default()
+    };
+    let layers_root = store.root.join("layers");
+    fs::create_dir_all(&layers_root).map_err(ImageError::from)?;
+    let events = &mut opts.events;
+    let pulled = registry::pull(&parsed, &popts, &layers_root, &mut |line| {
+        events(gworker_api::BuildEvent::Log {
+            line: line.to_string(),
+        })
+    })
+    .map_err(|e| match e {
+        ImageError::Build { reason, .. } => BuildFailure::new(
+            gworker_api::ErrorCode::RegistryFailed,
+            format!("cannot pull {reference}: {reason}"),
+        ),
+        other => BuildFailure::from(other),
+    })?;
+    Ok(Pulled {
+        manifest_digest: pulled.manifest_digest,
+        layers: pulled.layers,
+        config: ImageConfig {
+            env: pulled.env,
+            workdir: pulled.workdir.filter(|w| !w.is_empty()),
+            user: pulled.user.filter(|u| !u.is_empty()),
+        },
+    })
 }
 
 #[cfg(test)]

@@ -33,7 +33,9 @@
 //! was downloaded, its digest (and, when the config lists it, the digest of
 //! the uncompressed tar, the diff_id) verified, its files extracted and the
 //! file system synced (`syncfs`); a layer directory that exists is complete and
-//! is reused without any download. Concurrent pulls of one layer (threads or
+//! is reused without any download. `<hex>` is mode 0700 (root only): the
+//! layers hold setuid binaries meant for sandboxes, not for host users.
+//! Concurrent pulls of one layer (threads or
 //! processes) wait for each other through the lock file; should two still
 //! race, the loser of the rename discards its copy. Temp directories left by
 //! a process that no longer runs are removed by the next pull.
@@ -84,7 +86,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -1562,8 +1564,14 @@ fn download_layer(
     progress: &mut dyn FnMut(&str),
 ) -> Result<(u64, ExtractStats, f64), String> {
     let started = Instant::now();
+    // 0700: the layer's files (setuid binaries included) are for sandboxes,
+    // not for the host's other users.
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(tmp)
+        .map_err(|e| format!("cannot create {tmp:?}: {e}"))?;
     let diff = tmp.join("diff");
-    fs::create_dir_all(&diff).map_err(|e| format!("cannot create {diff:?}: {e}"))?;
+    fs::create_dir(&diff).map_err(|e| format!("cannot create {diff:?}: {e}"))?;
     progress(&format!("{label} 0.0/{} MB", mb(desc.size)));
     let url = client.api_url(&format!("blobs/{}", desc.digest));
     let resp = client.get(url, None, "layer", &desc.digest)?;
@@ -1614,22 +1622,27 @@ fn download_layer(
     let blob = br.into_inner();
     let size = blob.count;
     let got = format!("sha256:{}", hex::encode(blob.hasher.finalize()));
-    if drained.is_ok() && got != desc.digest {
+    if let Err(e) = drained {
+        return Err(format!("download of {label} from {registry} failed: {e}"));
+    }
+    if desc.size > 0 && size < desc.size {
+        // Cut short: the connection, not the content, is to blame.
+        let why = match &extracted {
+            Err(e) => format!(": {e}"),
+            Ok(_) => String::new(),
+        };
+        return Err(format!(
+            "download of {label} from {registry} failed after {size} of {} bytes{why}",
+            desc.size
+        ));
+    }
+    if got != desc.digest {
         return Err(format!(
             "layer {} digest mismatch: got {got} ({size} bytes); nothing stored",
             desc.digest
         ));
     }
     let (stats, got_diff_id) = extracted?;
-    if let Err(e) = drained {
-        return Err(format!("download of {label} from {registry} failed: {e}"));
-    }
-    if desc.size > 0 && size != desc.size {
-        return Err(format!(
-            "layer {}: got {size} bytes, the manifest says {}",
-            desc.digest, desc.size
-        ));
-    }
     if let Some(want) = diff_id {
         if got_diff_id != want {
             return Err(format!(

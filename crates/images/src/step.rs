@@ -26,6 +26,10 @@ use crate::{fsutil, ImageStore, RemoveOnDrop, UNIQUE};
 const STEP_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 /// Lines of a failed step's output kept for the error.
 const TAIL_LINES: usize = 40;
+/// The host's CA bundle, which network steps trust.
+const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// Where a network step sees it.
+const BUILD_CA_PATH: &str = "/tmp/.gworker-host-ca.crt";
 /// Prefix of build sandboxes' container IDs.
 const BUILD_ID_PREFIX: &str = "gwb-";
 
@@ -235,7 +239,7 @@ fn run_in_sandbox(
         json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"}),
     ];
     let net = if network {
-        let net = crate::buildnet::BuildNet::setup(&id, &opts.net_state_dir).map_err(|e| {
+        let net = crate::buildnet::BuildNet::setup(&id, &store.net_state_dir()).map_err(|e| {
             BuildFailure::new(
                 api::ErrorCode::Internal,
                 format!("cannot give the build step network access: {e}"),
@@ -246,6 +250,15 @@ fn run_in_sandbox(
         namespaces.push(json!({"type": "network", "path": net.netns_path()}));
         mounts.push(json!({"destination": "/etc/resolv.conf", "type": "bind",
                            "source": resolv, "options": ["rbind", "ro"]}));
+        // Fetches trust what the host trusts (a TLS-inspecting proxy's CA,
+        // say): the host's bundle, in the build's /tmp so no layer keeps it.
+        if Path::new(HOST_CA_BUNDLE).is_file() {
+            mounts.push(json!({"destination": BUILD_CA_PATH, "type": "bind",
+                               "source": HOST_CA_BUNDLE, "options": ["rbind", "ro"]}));
+            for var in ["PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"] {
+                env.push(format!("{var}={BUILD_CA_PATH}"));
+            }
+        }
         Some(net)
     } else {
         namespaces.push(json!({"type": "network"}));
@@ -417,5 +430,5 @@ pub(crate) fn cleanup_build_sandboxes(store: &ImageStore, runsc: &Path) {
             .stderr(Stdio::null())
             .status();
     }
-    crate::buildnet::cleanup_stale(&state);
+    crate::buildnet::cleanup_stale(&store.net_state_dir());
 }

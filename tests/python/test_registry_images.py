@@ -1,0 +1,118 @@
+"""Images from an OCI registry: a real Debian `docker-registry` on loopback,
+an image pushed to it by the test (tests/registry/push.py), pulled and run
+through the daemon."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Tuple
+
+import pytest
+
+from gworker_client import Image, ImageBuildError, InvalidRequestError, Sandbox
+from gworker_client._transport import Transport
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "registry"))
+import push  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not push.registry_available(), reason="docker-registry is not installed")
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tuple[str, Dict[str, Any]]]:
+    tmp = tmp_path_factory.mktemp("registry")
+    url, proc = push.start_registry(tmp)
+    try:
+        pushed = push.push_test_image(url, "test/img", "v1", index=True)
+        pushed["storage"] = tmp / "storage"
+        yield url.replace("http://", ""), pushed
+    finally:
+        push.stop_registry(proc)
+
+
+def run(sb: Sandbox, *cmd: str) -> Tuple[int, str]:
+    p = sb.exec(list(cmd))
+    out = p.stdout.read()
+    return p.wait(), out
+
+
+def events(path: str, body: Dict[str, Any]) -> List[Dict[str, Any]]:
+    conn, resp = Transport.from_env().open_post_stream(path, json.dumps(body).encode())
+    try:
+        return [json.loads(line) for line in resp if line.strip()]
+    finally:
+        conn.close()
+
+
+def test_pull_applies_layers_env_and_workdir(daemon: Any, sandboxes: Any, registry: Any) -> None:
+    host, pushed = registry
+    sb = sandboxes(image=Image.from_registry(f"{host}/test/img:v1"))
+    assert run(sb, "cat", "/etc/keep.txt")[0] == 0
+    # Whiteouts and opaque directories of the upper layer are applied.
+    assert run(sb, "cat", "/etc/deleted.txt")[0] != 0
+    assert run(sb, "cat", "/opq/old1.txt")[0] != 0
+    assert run(sb, "cat", "/opq/new.txt")[0] == 0
+    assert run(sb, "cat", "/app/data.txt") == (0, "v2\n")
+    assert run(sb, "cat", "/app/link")[0] == 0
+    # The image's env and workdir are the sandbox's defaults.
+    assert run(sb, "sh", "-c", "echo $GREETING") == (0, "hello world\n")
+    assert run(sb, "pwd") == (0, "/app\n")
+    code, out = run(sb, "stat", "-c", "%u:%g %a", "/home/user/owned.txt")
+    assert (code, out) == (0, "1000:1000 640\n")
+
+
+def test_second_use_is_cached_and_steps_build_on_it(daemon: Any, sandboxes: Any, registry: Any) -> None:
+    host, _ = registry
+    spec = {"base": {"registry": {"reference": f"{host}/test/img:v1"}}, "steps": []}
+    first = events("/v1/images/build", {"spec": spec})
+    assert first[-1]["event"] == "done", first
+    again = events("/v1/images/build", {"spec": spec})
+    assert again[-1]["event"] == "done"
+    assert [e for e in again if e["event"] == "step"][0]["cached"] is True
+    assert not [e for e in again if e["event"] == "log"], again
+    img = Image.from_registry(f"{host}/test/img:v1").run_commands("echo on top > /top.txt")
+    sb = sandboxes(image=img)
+    assert run(sb, "cat", "/top.txt") == (0, "on top\n")
+    assert run(sb, "cat", "/app/data.txt") == (0, "v2\n")
+
+
+def test_explicit_pull_reports_layers(daemon: Any, registry: Any) -> None:
+    host, pushed = registry
+    evs = events("/v1/images/pull", {"reference": f"{host}/test/img:v1"})
+    assert evs[-1]["event"] == "done", evs[-3:]
+    layers = evs[-1]["image"]["layers"]
+    for digest in pushed["layers"]:
+        assert digest.split(":", 1)[1] in layers
+
+
+def test_registry_errors_are_clear(daemon: Any, registry: Any, tmp_path: Path) -> None:
+    host, _ = registry
+    with pytest.raises(ImageBuildError, match="no-such-tag|not found|unknown") as e:
+        Image.from_registry(f"{host}/test/img:no-such-tag").build(quiet=True)
+    assert e.value.code == "registry_failed"
+    port = push.free_port()
+    with pytest.raises(ImageBuildError, match=f"127.0.0.1:{port}") as e:
+        Image.from_registry(f"127.0.0.1:{port}/test/img:v1").build(quiet=True)
+    assert e.value.code == "registry_failed"
+    for bad in ["img:tag with space", "img@sha256:short", ":nope", "a//b:c"]:
+        with pytest.raises(InvalidRequestError):
+            Image.from_registry(bad).build(quiet=True)
+
+
+def test_wrong_digest_is_refused_and_nothing_stored(daemon: Any, registry: Any, tmp_path: Path) -> None:
+    host, _ = registry
+    url = f"http://{host}"
+    pushed = push.push_test_image(url, "test/corrupt", "v1", salt="corrupt-me")
+    top = pushed["layers"][-1]
+    blob = push.blob_path(registry[1]["storage"], top)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    layers_dir = Path(daemon.data_dir) / "images" / "layers"
+    with pytest.raises(ImageBuildError, match="digest") as e:
+        Image.from_registry(f"{host}/test/corrupt:v1").build(quiet=True)
+    assert e.value.code == "registry_failed"
+    assert not (layers_dir / top.split(":", 1)[1]).exists()
+    assert not [p for p in layers_dir.iterdir() if p.name.startswith(".tmp-")]
