@@ -40,7 +40,7 @@ pub enum Error {
     /// exited non-zero (`code` is `image_build_failed`, `exit_code` and the
     /// tail of its `output` are set), a registry failed (`registry_failed`),
     /// an unknown base (`not_found`), ...
-    #[error("{message} ({code}{})", exit_code.map(|c| format!(", exit code {c}")).unwrap_or_default(), code = code.as_str())]
+    #[error("{message} ({}{})", code.as_str(), exit_note(message, *exit_code))]
     Build {
         code: ErrorCode,
         message: String,
@@ -63,6 +63,14 @@ pub enum Error {
     /// The daemon answered something this client does not understand.
     #[error("protocol error: {0}")]
     Protocol(String),
+}
+
+/// `, exit code N` for a build error's message, unless it says so already.
+fn exit_note(message: &str, exit_code: Option<i32>) -> String {
+    match exit_code {
+        Some(c) if !message.contains(&format!("exit code {c}")) => format!(", exit code {c}"),
+        _ => String::new(),
+    }
 }
 
 /// The innermost error's message ("Connection refused (os error 111)"):

@@ -239,11 +239,7 @@ impl Image {
         }
         self.steps.push(Step::Local(LocalSource {
             path,
-            dest: if dest.is_empty() {
-                "/".into()
-            } else {
-                dest.into()
-            },
+            dest: dir_or_root(dest),
             file_name: Some(name),
         }));
         Ok(self)
@@ -264,11 +260,7 @@ impl Image {
         let dest = remote.trim_end_matches('/');
         self.steps.push(Step::Local(LocalSource {
             path,
-            dest: if dest.is_empty() {
-                "/".into()
-            } else {
-                dest.into()
-            },
+            dest: dir_or_root(dest),
             file_name: None,
         }));
         Ok(self)
@@ -316,7 +308,11 @@ impl Image {
 
     /// The wire description, after uploading the local files it needs.
     pub async fn upload(&self, client: &Client) -> Result<api::ImageSpec> {
-        let (spec, blobs) = self.pack()?;
+        // Reading and hashing local trees is blocking work.
+        let image = self.clone();
+        let (spec, blobs) = tokio::task::spawn_blocking(move || image.pack())
+            .await
+            .map_err(|e| Error::Protocol(format!("packing local files panicked: {e}")))??;
         for (digest, tar) in blobs {
             let resp = client
                 .send(
@@ -389,6 +385,15 @@ fn local_path(local: &Path, what: &str) -> Result<(PathBuf, std::fs::Metadata)> 
             "{what}: cannot read local path {}: {e}",
             local.display()
         ))),
+    }
+}
+
+/// `dir`, or `/` for the empty string (what `/x` and `/` leave of a path).
+fn dir_or_root(dir: &str) -> String {
+    if dir.is_empty() {
+        "/".into()
+    } else {
+        dir.into()
     }
 }
 
@@ -557,7 +562,6 @@ where
 
 /// One NDJSON line: `Some(result)` for the last event, `None` to go on.
 /// Events of a kind this client does not know are skipped.
-#[allow(clippy::type_complexity)]
 fn handle_line<F: FnMut(&BuildEvent)>(
     line: &[u8],
     on_event: &mut F,
@@ -651,7 +655,7 @@ impl<W: Write> BuildPrinter<W> {
                 let due = self
                     .progress
                     .get(layer)
-                    .map_or(true, |t| t.elapsed().as_secs_f64() >= 1.0);
+                    .is_none_or(|t| t.elapsed().as_secs_f64() >= 1.0);
                 if (finished && self.finished_layers.insert(layer.clone())) || (!finished && due) {
                     self.progress.insert(layer.clone(), Instant::now());
                     let short = layer.strip_prefix("sha256:").unwrap_or(layer);
@@ -990,7 +994,20 @@ mod tests {
             r => panic!("{r:?}"),
         }
         let e = r.unwrap_err();
-        assert!(e.to_string().contains("exit code 3"), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "step 2 failed (image_build_failed, exit code 3)"
+        );
+        let e = Error::Build {
+            code: ErrorCode::ImageBuildFailed,
+            message: "the command failed with exit code 3".into(),
+            exit_code: Some(3),
+            output: None,
+        };
+        assert_eq!(
+            e.to_string(),
+            "the command failed with exit code 3 (image_build_failed)"
+        );
         assert!(e.is_build_failure());
         assert_eq!(seen.len(), 2);
     }

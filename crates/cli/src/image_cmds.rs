@@ -41,7 +41,8 @@ pub enum ImageCmd {
 
 #[derive(Args, Debug)]
 pub struct BuildArgs {
-    /// A TOML image description (see below), or the name of a built-in image.
+    /// A TOML image description (see below; a path ending in .toml, or any
+    /// existing file), else an image name (built-in, tag or ID).
     #[arg(value_name = "FILE|NAME")]
     source: String,
     /// Also name the image TAG (usable as `--image TAG`).
@@ -55,7 +56,7 @@ pub struct BuildArgs {
     quiet: bool,
     /// Build a built-in image straight into this data directory, without a
     /// daemon (for preparing data directories; NAME only).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["tag", "json"])]
     data_dir: Option<PathBuf>,
     #[command(flatten)]
     conn: Conn,

@@ -98,7 +98,14 @@ pub fn load(path: &Path) -> anyhow::Result<Image> {
 
 /// Parses a description; relative `local` paths are taken from `dir`.
 pub fn parse(text: &str, dir: &Path) -> anyhow::Result<Image> {
-    let def: FileDef = toml::from_str(text)?;
+    let def: FileDef = toml::from_str(text).map_err(|e| {
+        // toml's words for a step table with two keys.
+        if e.message().contains("wanted exactly 1 element") {
+            anyhow::anyhow!("{e}(each [[step]] has exactly one key)")
+        } else {
+            e.into()
+        }
+    })?;
     let mut image = base(def.base)?;
     for (i, step) in def.step.into_iter().enumerate() {
         let n = i + 1;
@@ -244,7 +251,10 @@ add_local_dir = { local = "src", remote = "/app/src" }
             "base = \"busybox\"\n[[step]]\nworkdir = \"/a\"\nenv = { A = \"b\" }",
             &d,
         );
-        assert!(e.contains("line"), "two keys in one step: {e}");
+        assert!(
+            e.contains("line 2") && e.contains("exactly one key"),
+            "two keys in one step: {e}"
+        );
         let e = err("base = \"busybox\"\n[[step]]\nrun_commands = \"echo\"", &d);
         assert!(e.contains("sequence") || e.contains("array"), "{e}");
         let e = err("base = \"busybox\"\nsteps = []", &d);

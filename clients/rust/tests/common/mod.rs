@@ -223,3 +223,50 @@ pub fn http(socket: &Path, method: &str, path: &str) -> std::io::Result<(u16, Ve
         .unwrap_or(0);
     Ok((status, buf[(split + 4).min(buf.len())..].to_vec()))
 }
+
+/// A throw-away docker-registry on 127.0.0.1 with the test image of
+/// `tests/registry/push.py` pushed as `test/img:v1`; stopped on drop.
+/// `None` (after saying so) when docker-registry is not installed.
+pub struct Registry {
+    child: Child,
+    /// `127.0.0.1:PORT`
+    pub host: String,
+}
+
+impl Registry {
+    /// `args`: more `tests/registry/serve.py` arguments (`--user U --password P`, ...).
+    pub fn start(args: &[&str]) -> Option<Registry> {
+        if !Path::new("/usr/bin/docker-registry").exists() {
+            eprintln!("skipping: docker-registry is not installed");
+            return None;
+        }
+        let mut child = Command::new("python3")
+            .arg(workspace().join("tests/registry/serve.py"))
+            .args(["--push", "test/img:v1", "--die-with-parent", "--stdin-eof"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 tests/registry/serve.py");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+            &mut line,
+        )
+        .expect("serve.py's first line");
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("serve.py said {line:?}: {e}"));
+        Some(Registry {
+            child,
+            host: v["host"].as_str().expect("host").to_string(),
+        })
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        // serve.py stops the registry when its stdin closes or it is killed.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -192,3 +192,50 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// A throw-away docker-registry on 127.0.0.1 with the test image of
+/// `tests/registry/push.py` pushed as `test/img:v1`; stopped on drop.
+/// `None` (after saying so) when docker-registry is not installed.
+pub struct Registry {
+    child: Child,
+    /// `127.0.0.1:PORT`
+    pub host: String,
+}
+
+impl Registry {
+    pub fn start(args: &[&str]) -> Option<Registry> {
+        if !Path::new("/usr/bin/docker-registry").exists() {
+            eprintln!("skipping: docker-registry is not installed");
+            return None;
+        }
+        let serve = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/registry/serve.py");
+        let mut child = Command::new("python3")
+            .arg(serve)
+            .args(["--push", "test/img:v1", "--die-with-parent", "--stdin-eof"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 tests/registry/serve.py");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("serve.py said {line:?}: {e}"));
+        Some(Registry {
+            child,
+            host: v["host"].as_str().unwrap().to_string(),
+        })
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        // serve.py stops the registry when its stdin closes or it is killed.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
