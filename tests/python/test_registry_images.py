@@ -59,6 +59,9 @@ def test_pull_applies_layers_env_and_workdir(daemon: Any, sandboxes: Any, regist
     # The image's env and workdir are the sandbox's defaults.
     assert run(sb, "sh", "-c", "echo $GREETING") == (0, "hello world\n")
     assert run(sb, "pwd") == (0, "/app\n")
+    # ... and its user (1000:1000) runs every process.
+    assert run(sb, "id", "-u") == (0, "1000\n")
+    assert run(sb, "id", "-g") == (0, "1000\n")
     code, out = run(sb, "stat", "-c", "%u:%g %a", "/home/user/owned.txt")
     assert (code, out) == (0, "1000:1000 640\n")
 

@@ -653,6 +653,7 @@ impl Engine {
             secrets_fd: secret_env.as_ref().map(|_| SECRETS_FD),
             pooled: false,
             limits: row.limits.clone(),
+            user: info.user_ids,
         };
         let dir = self.sandbox_dir(&row.id);
         let sock = self.sock_path(&row.id);

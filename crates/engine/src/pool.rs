@@ -158,6 +158,7 @@ impl Engine {
             secrets_fd: None,
             pooled: true,
             limits: self.cfg.default_limits.clone(),
+            user: None,
         };
         let dir = self.sandbox_dir(&id);
         let sock = self.sock_path(&id);

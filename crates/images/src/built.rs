@@ -385,6 +385,15 @@ impl ImageStore {
             return Ok(None);
         };
         let rootfs = self.mount_record(&rec)?;
+        let user_ids = match &rec.config.user {
+            Some(u) => Some(
+                resolve_user(&rootfs, u).map_err(|reason| ImageError::Build {
+                    image: rec.id.clone(),
+                    reason,
+                })?,
+            ),
+            None => None,
+        };
         Ok(Some(ImageInfo {
             name: rec.id.clone(),
             rootfs,
@@ -393,6 +402,7 @@ impl ImageStore {
             env: rec.config.env.clone(),
             workdir: rec.config.workdir.clone(),
             user: rec.config.user.clone(),
+            user_ids,
         }))
     }
 
@@ -1087,4 +1097,97 @@ pub(crate) fn mount_overlay(
         Some(opts.as_str()),
     )
     .map_err(io::Error::from)
+}
+
+/// The uid and gid of an image's `User` (`uid`, `uid:gid`, `name`,
+/// `name:group`), names looked up in the image's own /etc/passwd and
+/// /etc/group. `root` and an empty user are 0:0.
+pub(crate) fn resolve_user(rootfs: &Path, user: &str) -> Result<(u32, u32), String> {
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let passwd = read_in_root(rootfs, "etc/passwd").unwrap_or_default();
+    let group = read_in_root(rootfs, "etc/group").unwrap_or_default();
+    // name:x:uid:gid:... in both files (group: name:x:gid:...)
+    let lookup = |text: &str, name: &str| -> Option<(u32, Option<u32>)> {
+        text.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 3 && f[0] == name).then(|| {
+                let id = f[2].parse().ok()?;
+                Some((id, f.get(3).and_then(|g| g.parse().ok())))
+            })?
+        })
+    };
+    let (uid, primary_gid) = match u.parse::<u32>() {
+        Ok(id) => (
+            id,
+            passwd.lines().find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.len() >= 4 && f[2] == id.to_string())
+                    .then(|| f[3].parse().ok())
+                    .flatten()
+            }),
+        ),
+        Err(_) => lookup(&passwd, u)
+            .ok_or_else(|| format!("its user {u:?} is not in the image's /etc/passwd"))?,
+    };
+    let gid = match g {
+        Some(g) => match g.parse::<u32>() {
+            Ok(id) => id,
+            Err(_) => {
+                lookup(&group, g)
+                    .ok_or_else(|| format!("its group {g:?} is not in the image's /etc/group"))?
+                    .0
+            }
+        },
+        None => primary_gid.unwrap_or(uid),
+    };
+    Ok((uid, gid))
+}
+
+/// Reads a small file of an image without following its symlinks out of
+/// the image (`RESOLVE_IN_ROOT`).
+fn read_in_root(rootfs: &Path, rel: &str) -> Option<String> {
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let root = fs::File::open(rootfs).ok()?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let fd = openat2(std::os::fd::AsRawFd::as_raw_fd(&root), rel, how).ok()?;
+    // SAFETY: openat2 returned a fresh fd that nothing else owns.
+    let file = fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let mut text = String::new();
+    file.take(1 << 20).read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+#[cfg(test)]
+mod user_tests {
+    use super::resolve_user;
+
+    #[test]
+    fn users_resolve_by_id_and_by_name_inside_the_image() {
+        let dir = std::env::temp_dir().join(format!("gw-user-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("etc")).unwrap();
+        std::fs::write(
+            dir.join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\napp:x:1001:1002::/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
+        assert_eq!(resolve_user(&dir, "app"), Ok((1001, 1002)));
+        assert_eq!(resolve_user(&dir, "app:staff"), Ok((1001, 50)));
+        assert_eq!(resolve_user(&dir, "1001"), Ok((1001, 1002)));
+        assert_eq!(resolve_user(&dir, "4000"), Ok((4000, 4000)));
+        assert_eq!(resolve_user(&dir, "7:8"), Ok((7, 8)));
+        assert!(resolve_user(&dir, "nobody-here").is_err());
+        assert!(resolve_user(&dir, "app:nogroup").is_err());
+        // An /etc/passwd that is a symlink out of the image is not followed out.
+        std::fs::remove_file(dir.join("etc/passwd")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.join("etc/passwd")).unwrap();
+        assert!(resolve_user(&dir, "root").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

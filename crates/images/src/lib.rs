@@ -93,6 +93,8 @@ pub struct ImageInfo {
     /// Default working directory and user of its processes.
     pub workdir: Option<String>,
     pub user: Option<String>,
+    /// `user` resolved against the image's /etc/passwd and /etc/group.
+    pub user_ids: Option<(u32, u32)>,
 }
 
 /// On-disk form of `image.json`. Private: not a wire type.
@@ -207,6 +209,7 @@ impl ImageStore {
             env: meta.env,
             workdir: None,
             user: None,
+            user_ids: None,
         }))
     }
 

@@ -1393,7 +1393,9 @@ fn pull_inner(
 
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
 
-/// Remove `.tmp-<hex>-<pid>-<n>` dirs whose process is gone.
+/// Remove `.tmp-<hex>-<pid>-<n>` dirs whose process is gone. Only this
+/// module's own (a full 64-hex key): other writers of the directory (image
+/// builds) name theirs differently and clean them up themselves.
 fn remove_stale_tmp(layers_root: &Path) {
     let Ok(rd) = fs::read_dir(layers_root) else {
         return;
@@ -1404,10 +1406,13 @@ fn remove_stale_tmp(layers_root: &Path) {
         let Some(rest) = name.strip_prefix(".tmp-") else {
             continue;
         };
-        let mut parts = rest.split('-');
-        let (Some(_hex), Some(pid), Some(_n)) = (parts.next(), parts.next(), parts.next()) else {
+        let parts: Vec<&str> = rest.split('-').collect();
+        let [hex, pid, n] = parts[..] else {
             continue;
         };
+        if !is_hex64(hex) || !n.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
         let Ok(pid) = pid.parse::<u32>() else {
             continue;
         };

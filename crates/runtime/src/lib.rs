@@ -216,6 +216,9 @@ pub struct BundleSpec {
     pub mounts: Vec<BindMount>,
     /// runsc's `cgroupsPath`: cgroups the supervisor made and limited.
     pub cgroup: Option<String>,
+    /// uid and gid of every process (the agent included): the image's user.
+    /// `None`: root.
+    pub user: Option<(u32, u32)>,
 }
 
 /// A host directory bind-mounted read-write into the sandbox. runsc's default
@@ -282,6 +285,9 @@ pub fn oci_config(spec: &BundleSpec) -> Value {
     if let Some(path) = &spec.cgroup {
         v["linux"]["cgroupsPath"] = json!(path);
     }
+    if let Some((uid, gid)) = spec.user {
+        v["process"]["user"] = json!({"uid": uid, "gid": gid});
+    }
     if let Some(mounts) = v["mounts"].as_array_mut() {
         for m in &spec.mounts {
             mounts.push(json!({"destination": m.destination, "type": "bind",
@@ -333,6 +339,7 @@ mod tests {
                 destination: "/mnt/v".into(),
             }],
             cgroup: Some("/gworker/sb-1".into()),
+            user: None,
         });
         assert_eq!(v["linux"]["cgroupsPath"], "/gworker/sb-1");
         assert_eq!(v["process"]["args"][0], AGENT_PATH);

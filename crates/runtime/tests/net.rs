@@ -797,6 +797,7 @@ fn runsc_sandbox_gets_the_policy() {
     let resolv = work.0.join("resolv.conf");
     fs::write(&resolv, SandboxNet::resolv_conf()).unwrap();
     let mut config = gworker_runtime::oci_config(&gworker_runtime::BundleSpec {
+        user: None,
         rootfs: rootfs.clone(),
         agent: rootfs.join("bin/busybox"),
         hostname: "nettest".into(),
@@ -942,6 +943,7 @@ fn runsc_wrapper_keeps_later_host_mounts_visible() {
     sh("mount", &["--make-shared", s]);
 
     let mut config = gworker_runtime::oci_config(&gworker_runtime::BundleSpec {
+        user: None,
         rootfs: rootfs.clone(),
         agent: rootfs.join("bin/busybox"),
         hostname: "proptest".into(),

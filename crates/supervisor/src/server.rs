@@ -271,6 +271,7 @@ async fn serve(
             agent: cfg.agent.clone(),
             hostname: "sandbox".into(),
             cgroup: cgroup_ok.then(|| cgroup.path.clone()),
+            user: cfg.user,
             mounts: cfg
                 .volumes
                 .iter()

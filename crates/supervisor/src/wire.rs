@@ -39,6 +39,9 @@ pub struct LaunchConfig {
     /// before anything else, and keeps it in memory only (never on disk).
     #[serde(default)]
     pub secrets_fd: Option<i32>,
+    /// uid and gid the sandbox's processes run as (the image's user); `None`: root.
+    #[serde(default)]
+    pub user: Option<(u32, u32)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -524,11 +524,14 @@ fn stale_tmp_dirs_are_removed() {
     let stale = t.0.join(format!(".tmp-{hex}-2147483647-0"));
     let mine = t.0.join(format!(".tmp-{hex}-{}-0", std::process::id()));
     let other = t.0.join(".locks");
-    for d in [&stale, &mine, &other] {
+    // An image build's temp layer (16-hex key): not ours to remove.
+    let build = t.0.join(".tmp-0123456789abcdef-2147483647-0");
+    for d in [&stale, &mine, &other, &build] {
         fs::create_dir_all(d.join("diff")).unwrap();
     }
     remove_stale_tmp(&t.0);
     assert!(!stale.exists());
     assert!(mine.exists());
     assert!(other.exists());
+    assert!(build.exists());
 }
