@@ -397,3 +397,41 @@ fn pull_from_a_registry_with_progress_then_run_it() {
         "{table}"
     );
 }
+
+/// Debian packages and PyPI over the build's network (slow: a Debian root
+/// is made with mmdebstrap the first time; set GWORKER_SLOW_TESTS=1).
+#[test]
+fn debian_slim_with_apt_and_pip_steps() {
+    if std::env::var("GWORKER_SLOW_TESTS").as_deref() != Ok("1") {
+        eprintln!("skipping: slow (set GWORKER_SLOW_TESTS=1)");
+        return;
+    }
+    let d = daemon_or_skip!();
+    let proj = project(
+        "debian",
+        "[base]\ndebian_slim = { python_version = \"3.11\" }\n\
+         [[step]]\napt_install = [\"jq\"]\n[[step]]\npip_install = [\"six\"]\n",
+    );
+    let o = d.gw(&["image", "build", path_str(&proj.join("image.toml"))]);
+    let err = stderr(&o);
+    let id = ok(o, "build").trim().to_string();
+    let steps = step_lines(&err);
+    assert!(
+        steps.len() == 3
+            && steps[1].starts_with("[2/3] apt_install jq")
+            && steps[2].starts_with("[3/3] pip_install six"),
+        "{err}"
+    );
+    let sb = ok(
+        d.gw(&[
+            "sandbox", "create", "--image", &id, "--timeout", "120", "--", "sh", "-c",
+            "echo '{\"a\": 41}' | jq '.a + 1'; python3 -c 'import six, sys; print(six.__name__, sys.version_info[:2])'",
+        ]),
+        "create",
+    );
+    ok(d.gw(&["sandbox", "wait", sb.trim()]), "wait");
+    assert_eq!(
+        ok(d.gw(&["sandbox", "logs", sb.trim()]), "logs"),
+        "42\nsix (3, 11)\n"
+    );
+}
