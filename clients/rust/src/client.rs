@@ -185,12 +185,21 @@ impl Client {
         path: &str,
         body: &B,
     ) -> Result<T> {
+        let resp = self.post(path, body).await?;
+        self.read_json(resp).await
+    }
+
+    /// POSTs `body` as JSON; the answer's body is the caller's to read
+    /// (e.g. a stream of events).
+    pub(crate) async fn post<B: Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<Response<Incoming>> {
         let b = serde_json::to_vec(body)
             .map_err(|e| Error::Protocol(format!("cannot encode request: {e}")))?;
-        let resp = self
-            .send(Method::POST, path, Some((b.into(), "application/json")))
-            .await?;
-        self.read_json(resp).await
+        self.send(Method::POST, path, Some((b.into(), "application/json")))
+            .await
     }
 
     /// A request whose successful answer has no interesting body (204).

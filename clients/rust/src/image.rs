@@ -356,7 +356,7 @@ impl Image {
             spec,
             tag: tag.map(String::from),
         };
-        let resp = post_stream(client, "/v1/images/build", &body).await?;
+        let resp = client.post("/v1/images/build", &body).await?;
         read_events(client, resp, on_event).await
     }
 }
@@ -506,19 +506,6 @@ fn append_dir_contents(
         append_file(b, &dir.join(&n), &prefix.join(&n), false)?;
     }
     Ok(())
-}
-
-/// POSTs JSON and returns the (streamed) answer; an error status becomes an [`Error`].
-async fn post_stream<B: serde::Serialize>(
-    client: &Client,
-    path: &str,
-    body: &B,
-) -> Result<hyper::Response<Incoming>> {
-    let b = serde_json::to_vec(body)
-        .map_err(|e| Error::Protocol(format!("cannot encode request: {e}")))?;
-    client
-        .send(Method::POST, path, Some((b.into(), "application/json")))
-        .await
 }
 
 /// Reads a build's NDJSON events until `done` (the image) or `error`.
@@ -745,7 +732,7 @@ impl Images {
             secret: secret.map(String::from),
             tag: tag.map(String::from),
         };
-        let resp = post_stream(client, "/v1/images/pull", &body).await?;
+        let resp = client.post("/v1/images/pull", &body).await?;
         read_events(client, resp, on_event).await
     }
 }
