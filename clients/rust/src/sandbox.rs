@@ -56,6 +56,10 @@ pub struct CreateOptions {
     pub memory: Option<u64>,
     /// Process limit (daemon default if `None`).
     pub max_processes: Option<u64>,
+    /// Loopback only (no network at all).
+    pub block_network: bool,
+    /// Outbound only to these IPv4 CIDRs (plus DNS).
+    pub cidr_allowlist: Option<Vec<String>>,
 }
 
 /// Options of [`Sandbox::exec`].
@@ -177,6 +181,8 @@ impl Sandbox {
             cpu: opts.cpu,
             memory: opts.memory,
             max_processes: opts.max_processes,
+            block_network: opts.block_network.then_some(true),
+            cidr_allowlist: opts.cidr_allowlist,
         };
         let sb: gworker_api::Sandbox = client.post_json("/v1/sandboxes", &body).await?;
         Ok(Sandbox {

@@ -64,6 +64,15 @@ pub struct CreateSandbox {
     /// running. `image` may be omitted (it must match the snapshot's).
     #[serde(default)]
     pub snapshot: Option<SnapshotRef>,
+    /// No network at all (loopback only). Default: outbound to the
+    /// internet, never to the host, its networks or other sandboxes. See
+    /// `docs/network.md`.
+    #[serde(default)]
+    pub block_network: Option<bool>,
+    /// Outbound only to these IPv4 CIDRs (`"203.0.113.0/24"`, `"1.2.3.4"`),
+    /// plus DNS; the host and other sandboxes stay unreachable even if listed.
+    #[serde(default)]
+    pub cidr_allowlist: Option<Vec<String>>,
 }
 
 /// A secret in a create request: exactly one of `name` (a stored secret) or
@@ -226,6 +235,12 @@ pub struct Sandbox {
     pub memory: Option<u64>,
     #[serde(default)]
     pub max_processes: Option<u64>,
+    /// `internet`, `blocked` or `allowlist`.
+    #[serde(default)]
+    pub network: Option<String>,
+    /// The CIDRs of an `allowlist` network.
+    #[serde(default)]
+    pub cidr_allowlist: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -38,6 +38,16 @@ pub struct ServeArgs {
     /// for several. Loopback registries are always allowed over HTTP.
     #[arg(long, value_name = "HOST[:PORT]")]
     insecure_registry: Vec<String>,
+    /// Network of sandboxes that ask for none in particular: `internet`
+    /// (outbound allowed, never to this host, its networks or other
+    /// sandboxes) or `none` (loopback only).
+    #[arg(long, value_name = "internet|none", default_value = "internet", value_parser = ["internet", "none"])]
+    sandbox_network: String,
+    /// Let sandboxes with internet access also reach this private CIDR (an
+    /// internal package mirror, say); repeat for several. The host itself
+    /// stays unreachable.
+    #[arg(long, value_name = "CIDR")]
+    allow_cidr: Vec<gworker_runtime::net::Ipv4Cidr>,
     /// Memory limit (MiB) of a sandbox that asks for none.
     #[arg(long, default_value_t = 2048)]
     default_memory: u64,
@@ -142,6 +152,13 @@ pub fn serve(a: ServeArgs) -> ExitCode {
                 max_processes: Some(65536),
             },
             insecure_registries: a.insecure_registry,
+            default_network: if a.sandbox_network == "none" {
+                gworker_runtime::net::NetPolicy::Blocked
+            } else {
+                gworker_runtime::net::NetPolicy::Internet {
+                    extra_allowed: a.allow_cidr,
+                }
+            },
         },
         socket: a.socket.unwrap_or_else(gworker_api::default_socket_path),
         listen: a.listen,

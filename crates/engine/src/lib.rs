@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use gworker_api::{self as api, ErrorCode};
 use gworker_images::ImageStore;
+use gworker_runtime::net::{Ipv4Cidr, NetPolicy};
 use gworker_supervisor::client::{ClientError, OutputReader};
 use gworker_supervisor::{LaunchConfig, Phase, ProcSpec, RestoreConfig, StreamName, SupClient};
 use snapshots::{Requirements, SnapshotMeta};
@@ -108,6 +109,8 @@ pub struct EngineConfig {
     pub max_limits: gworker_runtime::Limits,
     /// Registries (host[:port]) pulled from over plain HTTP besides loopback ones.
     pub insecure_registries: Vec<String>,
+    /// The network of a sandbox that asks for none in particular.
+    pub default_network: NetPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -307,6 +310,65 @@ impl Engine {
         Ok(engine)
     }
 
+    /// Network state of the daemon's sandboxes (`gworker_runtime::net`).
+    pub(crate) fn net_state_dir(&self) -> PathBuf {
+        self.cfg.data_dir.join("net")
+    }
+
+    /// The network a create asks for: `block_network`, a `cidr_allowlist`,
+    /// or the daemon's default. A restore keeps the kind of network its
+    /// snapshot had (`snapshot_networked`), since runsc's flags must match.
+    fn network_policy(
+        &self,
+        block: Option<bool>,
+        allowlist: Option<&[String]>,
+        snapshot_networked: Option<bool>,
+    ) -> Result<NetPolicy> {
+        let explicit = block.is_some() || allowlist.is_some();
+        let policy = match (block, allowlist) {
+            (Some(true), Some(list)) if !list.is_empty() => {
+                return Err(EngineError::Invalid(
+                    "block_network and cidr_allowlist contradict each other: give one".into(),
+                ))
+            }
+            (Some(true), _) => NetPolicy::Blocked,
+            (_, Some(list)) => {
+                let mut cidrs = Vec::with_capacity(list.len());
+                for c in list {
+                    cidrs.push(c.parse::<Ipv4Cidr>().map_err(|e| {
+                        EngineError::Invalid(format!(
+                            "cidr_allowlist: {c:?} is not an IPv4 address or CIDR like 203.0.113.0/24 ({e})"
+                        ))
+                    })?);
+                }
+                NetPolicy::Allowlist(cidrs)
+            }
+            _ => self.cfg.default_network.clone(),
+        };
+        match snapshot_networked {
+            Some(had) if had != policy.needs_netns() => {
+                if explicit {
+                    return Err(EngineError::Coded {
+                        code: ErrorCode::SnapshotIncompatible,
+                        message: format!(
+                            "the snapshot was taken {} a network, so its copies have {} too",
+                            if had { "with" } else { "without" },
+                            if had { "one" } else { "none" }
+                        ),
+                    });
+                }
+                Ok(if had {
+                    NetPolicy::Internet {
+                        extra_allowed: Vec::new(),
+                    }
+                } else {
+                    NetPolicy::Blocked
+                })
+            }
+            _ => Ok(policy),
+        }
+    }
+
     pub fn images(&self) -> &ImageStore {
         &self.images
     }
@@ -319,7 +381,33 @@ impl Engine {
         self.cfg.data_dir.join("sandboxes").join(id)
     }
 
+    /// Removes networks whose sandbox's supervisor is gone (killed, or the
+    /// machine rebooted): only those recorded in this daemon's state dir.
+    fn remove_stale_networks(&self) {
+        let dir = self.net_state_dir();
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(".json") else {
+                continue;
+            };
+            let alive = std::os::unix::net::UnixStream::connect(self.sock_path(id)).is_ok();
+            if !alive {
+                tracing::info!(
+                    sandbox = id,
+                    "removing the network of a sandbox that is gone"
+                );
+                if let Err(err) = gworker_runtime::net::SandboxNet::teardown(id, &dir) {
+                    tracing::warn!(sandbox = id, error = %err, "cannot remove a stale sandbox network");
+                }
+            }
+        }
+    }
+
     fn recover(&self) -> Result<()> {
+        self.remove_stale_networks();
         for row in self.reg.list_sandboxes()? {
             let sock = self.sock_path(&row.id);
             let alive = std::os::unix::net::UnixStream::connect(&sock).is_ok();
@@ -487,9 +575,18 @@ impl Engine {
                 .collect::<Vec<_>>(),
         )?;
         let limits = self.limits(req.cpu, req.memory, req.max_processes)?;
+        let network = self.network_policy(
+            req.block_network,
+            req.cidr_allowlist.as_deref(),
+            snap.as_ref().map(|s| s.requires.networked),
+        )?;
         let created_at = now();
         // Plain sandboxes come from the warm pool when it has one ready.
-        let slot = if restore.is_none() && mounts.is_empty() && secret_env.is_empty() {
+        let slot = if restore.is_none()
+            && mounts.is_empty()
+            && secret_env.is_empty()
+            && network == self.cfg.default_network
+        {
             self.pool.take(&image)
         } else {
             None
@@ -509,6 +606,7 @@ impl Engine {
             message: None,
             exited_at: None,
             limits,
+            network,
         };
         if let Some(slot) = slot {
             match self.claim_slot(&slot, &row).await {
@@ -654,6 +752,8 @@ impl Engine {
             pooled: false,
             limits: row.limits.clone(),
             user: info.user_ids,
+            network: Some(row.network.clone()),
+            net_state_dir: Some(self.net_state_dir()),
         };
         let dir = self.sandbox_dir(&row.id);
         let sock = self.sock_path(&row.id);
@@ -689,6 +789,18 @@ impl Engine {
             cpu: row.limits.cpu,
             memory: row.limits.memory_mb,
             max_processes: row.limits.max_processes,
+            network: Some(
+                match &row.network {
+                    NetPolicy::Blocked => "blocked",
+                    NetPolicy::Internet { .. } => "internet",
+                    NetPolicy::Allowlist(_) => "allowlist",
+                }
+                .to_string(),
+            ),
+            cidr_allowlist: match &row.network {
+                NetPolicy::Allowlist(l) => Some(l.iter().map(|c| c.to_string()).collect()),
+                _ => None,
+            },
         };
         if s.state == api::SandboxState::Running && status.is_none() && row.state == "starting" {
             s.state = api::SandboxState::Starting;
@@ -1089,6 +1201,7 @@ impl Engine {
                 rootfs,
                 cpu: snapshots::cpu_signature(),
                 volumes: self.snapshot_volumes(id),
+                networked: row.network.needs_netns(),
             },
             procs: info.procs,
             next_id: info.next_id,

@@ -159,6 +159,8 @@ impl Engine {
             pooled: true,
             limits: self.cfg.default_limits.clone(),
             user: None,
+            network: Some(self.cfg.default_network.clone()),
+            net_state_dir: Some(self.net_state_dir()),
         };
         let dir = self.sandbox_dir(&id);
         let sock = self.sock_path(&id);

@@ -36,6 +36,8 @@ pub struct SandboxRow {
     pub message: Option<String>,
     pub exited_at: Option<f64>,
     pub limits: gworker_runtime::Limits,
+    /// The network policy (rows from before networks existed: blocked).
+    pub network: gworker_runtime::net::NetPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -107,11 +109,15 @@ fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
             .get::<_, Option<String>>(13)?
             .and_then(|l| serde_json::from_str(&l).ok())
             .unwrap_or_default(),
+        network: r
+            .get::<_, Option<String>>(14)?
+            .and_then(|n| serde_json::from_str(&n).ok())
+            .unwrap_or_default(),
     })
 }
 
 const SANDBOX_COLS: &str =
-    "id, image, cmd, env, workdir, created_at, timeout, deadline, state, exit_code, reason, message, exited_at, limits";
+    "id, image, cmd, env, workdir, created_at, timeout, deadline, state, exit_code, reason, message, exited_at, limits, network";
 
 impl Registry {
     pub fn open(path: &Path) -> Result<Registry, RegistryError> {
@@ -123,6 +129,7 @@ impl Registry {
         conn.execute_batch(SCHEMA)?;
         // Added after the first release of the schema: ignore "duplicate column".
         let _ = conn.execute("ALTER TABLE sandboxes ADD COLUMN limits TEXT", []);
+        let _ = conn.execute("ALTER TABLE sandboxes ADD COLUMN network TEXT", []);
         Ok(Registry {
             conn: Mutex::new(conn),
         })
@@ -135,11 +142,12 @@ impl Registry {
     pub fn insert_sandbox(&self, s: &SandboxRow) -> Result<(), RegistryError> {
         let env = serde_json::to_string(&s.env).expect("env serializes");
         self.conn().execute(
-            &format!("INSERT INTO sandboxes ({SANDBOX_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)"),
+            &format!("INSERT INTO sandboxes ({SANDBOX_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)"),
             params![
                 s.id, s.image, json_list(&s.cmd), env, s.workdir, s.created_at, s.timeout, s.deadline,
                 s.state, s.exit_code, s.reason, s.message, s.exited_at
             , serde_json::to_string(&s.limits).expect("limits serialize")
+            , serde_json::to_string(&s.network).expect("network serializes")
             ],
         )?;
         Ok(())
@@ -318,6 +326,7 @@ mod tests {
             message: None,
             exited_at: None,
             limits: Default::default(),
+            network: Default::default(),
         }
     }
 

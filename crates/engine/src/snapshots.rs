@@ -23,6 +23,10 @@ pub struct Requirements {
     /// Mount path → volume name: a restore mounts the same volumes.
     #[serde(default)]
     pub volumes: std::collections::BTreeMap<String, String>,
+    /// The source had a network namespace (runsc `--network=sandbox`): a
+    /// restore needs one too (runsc's flags must match).
+    #[serde(default)]
+    pub networked: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -931,7 +931,8 @@ impl ImageStore {
         if let Ok(entries) = fs::read_dir(self.layers_dir()) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with(".tmp-") || keep.contains(&name) {
+                // Dot entries are in-progress layers and lock files.
+                if name.starts_with('.') || keep.contains(&name) {
                     continue;
                 }
                 let size = fsutil::tree_size(&e.path()).unwrap_or(0);

@@ -219,6 +219,9 @@ pub struct BundleSpec {
     /// uid and gid of every process (the agent included): the image's user.
     /// `None`: root.
     pub user: Option<(u32, u32)>,
+    /// The sandbox's own network namespace (`net::SandboxNet`) and the
+    /// resolv.conf to bind-mount read-only; `None`: loopback only.
+    pub network: Option<(PathBuf, PathBuf)>,
 }
 
 /// A host directory bind-mounted read-write into the sandbox. runsc's default
@@ -288,6 +291,19 @@ pub fn oci_config(spec: &BundleSpec) -> Value {
     if let Some((uid, gid)) = spec.user {
         v["process"]["user"] = json!({"uid": uid, "gid": gid});
     }
+    if let Some((netns, resolv)) = &spec.network {
+        if let Some(ns) = v["linux"]["namespaces"].as_array_mut() {
+            for n in ns.iter_mut() {
+                if n["type"] == "network" {
+                    *n = json!({"type": "network", "path": netns});
+                }
+            }
+        }
+        if let Some(mounts) = v["mounts"].as_array_mut() {
+            mounts.push(json!({"destination": "/etc/resolv.conf", "type": "bind",
+                "source": resolv, "options": ["rbind", "ro"]}));
+        }
+    }
     if let Some(mounts) = v["mounts"].as_array_mut() {
         for m in &spec.mounts {
             mounts.push(json!({"destination": m.destination, "type": "bind",
@@ -340,6 +356,7 @@ mod tests {
             }],
             cgroup: Some("/gworker/sb-1".into()),
             user: None,
+            network: None,
         });
         assert_eq!(v["linux"]["cgroupsPath"], "/gworker/sb-1");
         assert_eq!(v["process"]["args"][0], AGENT_PATH);

@@ -264,6 +264,26 @@ async fn serve(
         }
         Err(e) => return Err(format!("cannot set up the sandbox's cgroups: {e}").into()),
     };
+    let network = if cfg.networked() {
+        let state = cfg
+            .net_state_dir
+            .clone()
+            .ok_or("a networked sandbox needs net_state_dir")?;
+        let (id, policy) = (
+            cfg.sandbox_id.clone(),
+            cfg.network.clone().unwrap_or_default(),
+        );
+        let net = tokio::task::spawn_blocking(move || {
+            gworker_runtime::net::SandboxNet::setup(&id, &policy, &state)
+        })
+        .await?
+        .map_err(|e| format!("cannot set up the sandbox's network: {e}"))?;
+        let resolv = dir.join("resolv.conf");
+        std::fs::write(&resolv, gworker_runtime::net::SandboxNet::resolv_conf())?;
+        Some((net.netns_path(), resolv))
+    } else {
+        None
+    };
     gworker_runtime::write_bundle(
         &bundle,
         &gworker_runtime::BundleSpec {
@@ -272,6 +292,7 @@ async fn serve(
             hostname: "sandbox".into(),
             cgroup: cgroup_ok.then(|| cgroup.path.clone()),
             user: cfg.user,
+            network,
             mounts: cfg
                 .volumes
                 .iter()
@@ -337,6 +358,7 @@ async fn serve(
         }
         Ok(()) => {}
         Err(e) => {
+            remove_network(&shared.cfg);
             let mut st = shared.lock();
             st.exit(None, "failed", Some(format!("cannot start runsc: {e}")));
             st.container_gone();
@@ -427,6 +449,13 @@ fn launch(
         .create(true)
         .append(true)
         .open(shared.dir.join("runsc.log"))?;
+    // A networked sandbox's runsc runs in the mount namespace work-around
+    // (see gworker_runtime::net) with --network=sandbox; run and restore alike.
+    let cmd = if shared.cfg.networked() {
+        gworker_runtime::net::wrap_runsc(&cmd)
+    } else {
+        cmd
+    };
     let mut cmd = tokio::process::Command::from(cmd);
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -835,10 +864,20 @@ async fn runsc_waiter(shared: Arc<Shared>, mut child: tokio::process::Child, gen
     let _ = tokio::task::spawn_blocking(move || {
         let _ = s2.runsc.delete_force(&s2.cfg.sandbox_id);
         s2.cgroup.remove();
+        remove_network(&s2.cfg);
     })
     .await;
     shared.lock().runsc_exited = true;
     shared.changed.notify_waiters();
+}
+
+/// Removes the sandbox's network namespace, veth and rules, if it has them.
+fn remove_network(cfg: &LaunchConfig) {
+    if let (true, Some(state)) = (cfg.networked(), &cfg.net_state_dir) {
+        if let Err(e) = gworker_runtime::net::SandboxNet::teardown(&cfg.sandbox_id, state) {
+            eprintln!("supervisor: cannot remove the sandbox's network: {e}");
+        }
+    }
 }
 
 fn log_tail(path: &Path) -> String {

@@ -42,6 +42,19 @@ pub struct LaunchConfig {
     /// uid and gid the sandbox's processes run as (the image's user); `None`: root.
     #[serde(default)]
     pub user: Option<(u32, u32)>,
+    /// The sandbox's network policy; `None` or `Blocked`: loopback only.
+    #[serde(default)]
+    pub network: Option<gworker_runtime::net::NetPolicy>,
+    /// Where network state lives (`gworker_runtime::net`), shared by the daemon's sandboxes.
+    #[serde(default)]
+    pub net_state_dir: Option<PathBuf>,
+}
+
+impl LaunchConfig {
+    /// Whether the sandbox has a network namespace of its own.
+    pub fn networked(&self) -> bool {
+        self.network.as_ref().is_some_and(|p| p.needs_netns())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -310,6 +310,8 @@ class Sandbox:
         cpu: Optional[float] = None,
         memory: Optional[int] = None,
         max_processes: Optional[int] = None,
+        block_network: bool = False,
+        cidr_allowlist: Optional[Sequence[str]] = None,
     ) -> "Sandbox":
         """Start a sandbox running ``cmd``. If ``snapshot=`` is provided, the
         container is restored from that checkpoint instead of a cold start.
@@ -323,6 +325,10 @@ class Sandbox:
         Beyond the spec, as Modal users know them: ``cpu`` (cores, fractional),
         ``memory`` (MiB; going over kills the sandbox, ``exit_reason`` is
         ``"oom"``) and ``max_processes``; the daemon's defaults apply otherwise.
+        ``block_network=True`` leaves the sandbox loopback only;
+        ``cidr_allowlist`` limits outbound traffic to those IPv4 CIDRs. By
+        default a sandbox reaches the internet, but never the daemon's host,
+        its private networks or other sandboxes.
         """
         if image is None and snapshot is None:
             image = Image.debian_slim()
@@ -359,6 +365,12 @@ class Sandbox:
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise TypeError(f"{key} is a number, not {type(value).__name__}")
                 body[key] = float(value) if key == "cpu" else int(value)
+        if block_network:
+            body["block_network"] = True
+        if cidr_allowlist is not None:
+            if isinstance(cidr_allowlist, str) or not all(isinstance(c, str) for c in cidr_allowlist):
+                raise TypeError("cidr_allowlist is a list of CIDR strings, e.g. ['203.0.113.0/24']")
+            body["cidr_allowlist"] = list(cidr_allowlist)
         info = transport.call("POST", "/v1/sandboxes", body)
         return cls(info["sandbox_id"], _transport=transport, _info=info)
 

@@ -1,0 +1,167 @@
+"""Network policy through the real daemon: the default (internet, never the
+host, its networks or other sandboxes), block_network and cidr_allowlist.
+The only hosts talked to are the test's own: servers in network namespaces
+it makes, and loopback servers on the host (which must stay unreachable)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Dict, Iterator
+
+import pytest
+
+from gworker_client import Image, InvalidRequestError, Sandbox
+
+PROBE = (
+    "import socket,sys\n"
+    "try:\n"
+    "    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=4)\n"
+    "    print('OPEN', s.recv(64).decode())\n"
+    "except OSError as e:\n"
+    "    print('REFUSED', type(e).__name__)\n"
+)
+
+
+def sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def test_hosts() -> Iterator[Dict[str, Any]]:
+    """A netns holding a 'public' address (198.51.100.x, routed through a
+    link, not directly connected) and a 'private' one (the link's 10.x
+    address), each with a TCP server that answers its own name."""
+    tag = uuid.uuid4().hex[:6]
+    ns, h, p = f"gwtest-{tag}", f"gwth{tag}", f"gwtp{tag}"
+    octet = int(tag[:2], 16) % 200 + 20
+    link_host, link_peer = f"10.198.{octet}.1", f"10.198.{octet}.2"
+    public = f"198.51.100.{octet}"
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "link", "add", h, "type", "veth", "peer", "name", p)
+        sh("ip", "link", "set", p, "netns", ns)
+        sh("ip", "addr", "add", f"{link_host}/30", "dev", h)
+        sh("ip", "link", "set", h, "up")
+        sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{link_peer}/30", "dev", p)
+        sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{public}/32", "dev", "lo")
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", p, "up")
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        sh("ip", "netns", "exec", ns, "ip", "route", "add", "default", "via", link_host)
+        sh("ip", "route", "add", f"{public}/32", "via", link_peer)
+        server = (
+            "import socket,threading,sys\n"
+            "def serve(addr, name):\n"
+            "    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            "    s.bind((addr, 8000)); s.listen(16)\n"
+            "    while True:\n"
+            "        c, _ = s.accept(); c.sendall(name.encode()); c.close()\n"
+            f"threading.Thread(target=serve, args=('{public}', 'public'), daemon=True).start()\n"
+            f"serve('{link_peer}', 'private')\n"
+        )
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, "python3", "-c", server])
+        yield {"public": public, "private": link_peer, "ns": ns}
+        proc.kill()
+        proc.wait()
+    finally:
+        subprocess.run(["ip", "route", "del", f"{public}/32"], capture_output=True)
+        subprocess.run(["ip", "link", "del", h], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def host_server() -> Iterator[int]:
+    """A server on the host's loopback: never reachable from a sandbox."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", 0))
+    s.listen(16)
+    hits = []
+
+    def loop() -> None:
+        while True:
+            try:
+                c, _ = s.accept()
+            except OSError:
+                return
+            hits.append(1)
+            c.sendall(b"host")
+            c.close()
+
+    threading.Thread(target=loop, daemon=True).start()
+    yield s.getsockname()[1]
+    s.close()
+
+
+def probe(sb: Sandbox, host: str, port: int) -> str:
+    p = sb.exec(["python3", "-c", PROBE, host, str(port)])
+    out = p.stdout.read().strip()
+    assert p.wait() == 0, p.stderr.read()
+    return out
+
+
+def host_address() -> str:
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True).stdout
+    return out.split()[3].split("/")[0]
+
+
+def test_default_reaches_public_but_never_host_or_private(daemon: Any, sandboxes: Any, test_hosts: Any,
+                                                         host_server: int) -> None:
+    sb = sandboxes(image=Image.debian_slim())
+    assert sb._info["network"] == "internet"
+    assert probe(sb, test_hosts["public"], 8000) == "OPEN public"
+    assert probe(sb, test_hosts["private"], 8000).startswith("REFUSED")
+    assert probe(sb, "127.0.0.1", host_server).startswith("REFUSED")
+    assert probe(sb, host_address(), host_server).startswith("REFUSED")
+    assert probe(sb, "169.254.169.254", 80).startswith("REFUSED")
+
+
+def test_allowlist_allows_only_what_it_lists(daemon: Any, sandboxes: Any, test_hosts: Any, host_server: int) -> None:
+    sb = sandboxes(image=Image.debian_slim(), cidr_allowlist=[test_hosts["private"] + "/32"])
+    assert probe(sb, test_hosts["private"], 8000) == "OPEN private"
+    assert probe(sb, test_hosts["public"], 8000).startswith("REFUSED")
+    assert probe(sb, host_address(), host_server).startswith("REFUSED")
+
+
+def test_block_network_is_loopback_only(daemon: Any, sandboxes: Any, test_hosts: Any) -> None:
+    sb = sandboxes(image=Image.debian_slim(), block_network=True)
+    p = sb.exec(["python3", "-c", "import socket; print(sorted(n for _, n in socket.if_nameindex()))"])
+    assert p.stdout.read() == "['lo']\n"
+    assert probe(sb, test_hosts["public"], 8000).startswith("REFUSED")
+
+
+def test_sandboxes_cannot_reach_each_other(daemon: Any, sandboxes: Any) -> None:
+    server = sandboxes(image=Image.debian_slim(),
+                       cmd=["python3", "-c", "import socket; s=socket.socket(); s.bind(('0.0.0.0', 9000)); s.listen();"
+                            "c,_=s.accept(); c.sendall(b'x')"])
+    p = server.exec(["python3", "-c", "import socket,time; time.sleep(0.5);"
+                     "s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(('192.0.2.1', 9));"
+                     "print(s.getsockname()[0])"])
+    addr = p.stdout.read().strip()
+    assert addr.startswith("10.231."), addr
+    client = sandboxes(image=Image.debian_slim())
+    assert probe(client, addr, 9000).startswith("REFUSED")
+
+
+def test_network_is_removed_with_the_sandbox(daemon: Any, sandboxes: Any) -> None:
+    sb = sandboxes(image=Image.from_name("busybox"))
+    sid = sb.object_id
+    assert sb.exec(["true"]).wait() == 0  # up
+    assert os.path.exists(f"/run/netns/gw-{sid}")
+    assert (Path(daemon.data_dir) / "net" / f"{sid}.json").exists()
+    sb.terminate()
+    assert not os.path.exists(f"/run/netns/gw-{sid}")
+    assert not (Path(daemon.data_dir) / "net" / f"{sid}.json").exists()
+    rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
+    assert f"gw:{sid}" not in rules
+
+
+def test_bad_network_requests(daemon: Any) -> None:
+    with pytest.raises(InvalidRequestError, match="cidr_allowlist"):
+        Sandbox.create(image=Image.from_name("busybox"), cidr_allowlist=["10.0.0.0/33"])
+    with pytest.raises(InvalidRequestError, match="contradict"):
+        Sandbox.create(image=Image.from_name("busybox"), block_network=True, cidr_allowlist=["1.2.3.4"])
