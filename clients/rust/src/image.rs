@@ -743,14 +743,30 @@ mod tests {
     use gworker_api::ErrorCode;
     use std::os::unix::fs::PermissionsExt;
 
-    fn tmpdir(name: &str) -> PathBuf {
+    fn tmpdir(name: &str) -> TempDir {
         let d = std::env::temp_dir().join(format!("gwc-image-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
-        d
+        TempDir(d)
     }
 
-    fn tree(name: &str) -> PathBuf {
+    /// A temporary directory, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl std::ops::Deref for TempDir {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn tree(name: &str) -> TempDir {
         let d = tmpdir(name);
         std::fs::create_dir_all(d.join("src/pkg")).unwrap();
         std::fs::write(d.join("src/b.txt"), "bee\n").unwrap();

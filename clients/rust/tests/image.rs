@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use common::daemon_or_skip;
 use gworker_client::api::BuildEvent;
 use gworker_client::{shell, CreateOptions, Error, ErrorCode, ExecOptions, Image, Images, Sandbox};
 
-fn local_files(name: &str) -> PathBuf {
+fn local_files(name: &str) -> TempDir {
     let d = std::env::temp_dir().join(format!("gwc-rs-img-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(d.join("lib/deep")).unwrap();
@@ -23,7 +23,23 @@ fn local_files(name: &str) -> PathBuf {
     std::fs::write(d.join("lib/one.txt"), "one\n").unwrap();
     std::fs::write(d.join("lib/deep/two.txt"), "two\n").unwrap();
     std::os::unix::fs::symlink("one.txt", d.join("lib/link")).unwrap();
-    d
+    TempDir(d)
+}
+
+/// A temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn image(files: &std::path::Path) -> Image {

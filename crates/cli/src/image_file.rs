@@ -150,13 +150,29 @@ fn base(v: toml::Value) -> anyhow::Result<Image> {
 mod tests {
     use super::*;
 
-    fn dir(name: &str) -> PathBuf {
+    fn dir(name: &str) -> TempDir {
         let d = std::env::temp_dir().join(format!("gw-imgfile-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(d.join("src")).unwrap();
         std::fs::write(d.join("main.py"), "print(1)\n").unwrap();
         std::fs::write(d.join("src/lib.py"), "x = 1\n").unwrap();
-        d
+        TempDir(d)
+    }
+
+    /// A temporary directory, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl std::ops::Deref for TempDir {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 
     fn err(text: &str, d: &Path) -> String {

@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 use common::{daemon_or_skip, stderr, stdout, BIN};
 
 /// A project directory with an image description and the files it adds.
-fn project(name: &str, toml: &str) -> PathBuf {
+fn project(name: &str, toml: &str) -> TempDir {
     let d = std::env::temp_dir().join(format!("gwc-cli-img-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(d.join("src/sub")).unwrap();
@@ -20,7 +20,23 @@ fn project(name: &str, toml: &str) -> PathBuf {
     std::fs::write(d.join("src/a.txt"), "a\n").unwrap();
     std::fs::write(d.join("src/sub/b.txt"), "b\n").unwrap();
     std::fs::write(d.join("image.toml"), toml).unwrap();
-    d
+    TempDir(d)
+}
+
+/// A temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 const DEMO: &str = r#"

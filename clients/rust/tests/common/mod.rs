@@ -199,6 +199,7 @@ impl Drop for Daemon {
             }
         }
         self.kill9();
+        unmount_under(&self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -268,5 +269,22 @@ impl Drop for Registry {
         // serve.py stops the registry when its stdin closes or it is killed.
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Unmounts what a stopped daemon left mounted under `dir`: it keeps image
+/// roots mounted (overlayfs) across restarts, so nothing else unmounts them,
+/// and the data dir could not be removed.
+pub fn unmount_under(dir: &Path) {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1))
+        .filter(|p| Path::new(p).starts_with(dir))
+        .collect();
+    // Deepest first.
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let _ = Command::new("umount").arg("-l").arg(p).status();
     }
 }
