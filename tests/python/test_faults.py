@@ -66,6 +66,10 @@ def leftovers(daemon: Daemon, ids: Iterable[str]) -> Dict[str, List[str]]:
                 items.append(f"{sub}/{sid}")
         items += [f"runsc/{n}" for n in runsc_state if sid in n]
         items += [f"mount: {line}" for line in mountinfo.splitlines() if sid in line]
+        if os.path.exists(f"/run/netns/gw-{sid}"):
+            items.append(f"netns gw-{sid}")
+        if (daemon.data_dir / "net" / f"{sid}.json").exists():
+            items.append(f"net/{sid}.json")
         if items:
             found[sid] = items
     return found

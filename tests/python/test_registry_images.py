@@ -119,3 +119,33 @@ def test_wrong_digest_is_refused_and_nothing_stored(daemon: Any, registry: Any, 
     assert e.value.code == "registry_failed"
     assert not (layers_dir / top.split(":", 1)[1]).exists()
     assert not [p for p in layers_dir.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_credentials_come_from_a_secret(daemon: Any, tmp_path: Path) -> None:
+    from gworker_client import Secret
+
+    url, proc = push.start_registry(tmp_path, htpasswd=("puller", "s3cret-pw"))
+    try:
+        push.push_test_image(url, "private/img", "v1", auth=("puller", "s3cret-pw"), salt="auth")
+        host = url.replace("http://", "")
+        with pytest.raises(ImageBuildError, match="(?i)unauthorized") as e:
+            Image.from_registry(f"{host}/private/img:v1").build(quiet=True)
+        assert e.value.code == "registry_failed"
+        name = f"reg-{tmp_path.name[-8:]}".replace("_", "-")
+        Transport.from_env().call("POST", "/v1/secrets", {
+            "name": name, "values": {"REGISTRY_USERNAME": "puller", "REGISTRY_PASSWORD": "s3cret-pw"}})
+        try:
+            image_id = Image.from_registry(f"{host}/private/img:v1", secret=Secret.from_name(name)).build(quiet=True)
+            assert image_id.startswith("im-")
+            # A secret without the two keys is refused before anything is fetched.
+            Transport.from_env().call("POST", "/v1/secrets", {"name": name + "-bad", "values": {"X": "y"}})
+            with pytest.raises(InvalidRequestError, match="REGISTRY_USERNAME"):
+                Image.from_registry(f"{host}/private/img:v2", secret=Secret.from_name(name + "-bad")).build(quiet=True)
+        finally:
+            for n in (name, name + "-bad"):
+                try:
+                    Transport.from_env().call("DELETE", f"/v1/secrets/{n}")
+                except Exception:
+                    pass
+    finally:
+        push.stop_registry(proc)

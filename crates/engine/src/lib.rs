@@ -1256,6 +1256,19 @@ impl Engine {
             }
         }
         self.live.lock().unwrap().remove(id);
+        // Its supervisor removes its network when runsc ends; one that was
+        // killed cannot.
+        let dir = self.net_state_dir();
+        if dir.join(format!("{id}.json")).exists() {
+            let id2 = id.to_string();
+            let res = tokio::task::spawn_blocking(move || {
+                gworker_runtime::net::SandboxNet::teardown(&id2, &dir)
+            })
+            .await;
+            if let Ok(Err(e)) = res {
+                tracing::warn!(sandbox = %id, error = %e, "cannot remove the sandbox's network");
+            }
+        }
         let _ = std::fs::remove_file(self.sock_path(id));
         let _ = std::fs::remove_dir_all(self.sandbox_dir(id));
         self.reg.delete_sandbox(id)?;

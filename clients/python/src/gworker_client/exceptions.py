@@ -30,6 +30,7 @@ __all__ = [
     "SnapshotIncompatibleError",
     "InternalError",
     "RegistryError",
+    "ImageBuildError",
     "SandboxStartFailedError",
     "DaemonUnavailableError",
     "error_from_response",
@@ -158,7 +159,28 @@ class SnapshotIncompatibleError(SnapshotError):
     default_code = "snapshot_incompatible"
 
 
-class RegistryError(GworkerError):
+class ImageBuildError(GworkerError):
+    """An image build failed: a step's command exited non-zero (``exit_code``,
+    and the last lines of its output in ``output``), a package is unknown, a
+    registry could not be reached, ..."""
+
+    default_code = "image_build_failed"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: Optional[str] = None,
+        status: Optional[int] = None,
+        exit_code: Optional[int] = None,
+        output: Optional[str] = None,
+    ) -> None:
+        super().__init__(message, code=code, status=status)
+        self.exit_code: Optional[int] = exit_code
+        self.output: Optional[str] = output
+
+
+class RegistryError(ImageBuildError):
     """A registry could not be reached, refused the pull, or sent bad data."""
 
     default_code = "registry_failed"
@@ -203,6 +225,7 @@ _BY_CODE: Dict[str, Type[GworkerError]] = {
         SnapshotIncompatibleError,
         InternalError,
         SandboxStartFailedError,
+        ImageBuildError,
         RegistryError,
     )
 }

@@ -28,7 +28,7 @@ import sys
 import tarfile
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .exceptions import GworkerError, error_from_response
+from .exceptions import GworkerError, ImageBuildError, RegistryError, error_from_response
 
 __all__ = ["Image", "ImageBuildError", "DEFAULT_IMAGE", "SUPPORTED_PYTHON_VERSIONS"]
 
@@ -38,27 +38,6 @@ DEFAULT_IMAGE = "debian-slim"
 SUPPORTED_PYTHON_VERSIONS: Tuple[str, ...] = ("3.11", "3.13")
 _DEBIAN_RELEASE = {"3.11": "bookworm", "3.13": "trixie"}
 _BUILTIN_FOR_PYTHON = {"3.11": "debian-slim", "3.13": "debian-slim-trixie"}
-
-
-class ImageBuildError(GworkerError):
-    """An image build failed: a step's command exited non-zero (``exit_code``,
-    and the last lines of its output in ``output``), a package is unknown, a
-    registry could not be reached, ..."""
-
-    default_code = "image_build_failed"
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        code: Optional[str] = None,
-        status: Optional[int] = None,
-        exit_code: Optional[int] = None,
-        output: Optional[str] = None,
-    ) -> None:
-        super().__init__(message, code=code, status=status)
-        self.exit_code: Optional[int] = exit_code
-        self.output: Optional[str] = output
 
 
 def _check_remote(remote: str, what: str) -> str:
@@ -351,6 +330,7 @@ def _run_build(transport: Any, path: str, body: Dict[str, Any], show: bool) -> s
         if code in ("image_build_failed", "registry_failed"):
             if output:
                 message = f"{message}\n--- last output ---\n{output}"
-            raise ImageBuildError(message, code=code, exit_code=last.get("exit_code"), output=output)
+            cls = RegistryError if code == "registry_failed" else ImageBuildError
+            raise cls(message, code=code, exit_code=last.get("exit_code"), output=output)
         raise error_from_response(422, code, message)
     raise GworkerError("the daemon ended the build without a result")
