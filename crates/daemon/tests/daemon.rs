@@ -778,12 +778,26 @@ fn warm_pool_claims_fresh_sandboxes_and_refills() {
     );
     let slots = sandbox_dirs(&d);
     std::thread::sleep(Duration::from_millis(500)); // let the slots finish booting
+    let shares = |id: &str| {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/gworker/{id}/cpu.shares"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    // Unclaimed slots yield the CPU to sandboxes users wait for.
+    for slot in &slots {
+        assert_eq!(shares(slot), "64", "slot {slot}");
+    }
     let s = d.json("POST", "/v1/sandboxes", r#"{"image":"busybox","timeout":60,"cmd":["sh","-c","ls /tmp; echo fresh; exit 4"],"env":{"K":"v"},"workdir":"/w"}"#);
     let id = s["sandbox_id"].as_str().unwrap().to_string();
     assert!(slots.contains(&id), "the sandbox came from the pool");
     assert_eq!(
         s["state"], "running",
         "a claimed sandbox is running at once"
+    );
+    assert_eq!(
+        shares(&id),
+        "1024",
+        "a claimed sandbox has the normal CPU weight"
     );
     assert_eq!(
         d.json("GET", &format!("/v1/sandboxes/{id}/wait?timeout=30"), "")["exit_code"],

@@ -15,6 +15,10 @@ const CONTROLLERS: &[&str] = &["memory", "cpu", "pids"];
 /// Host threads of gVisor itself (sentry, gofer) counted by the pids
 /// controller on top of the sandbox's own processes.
 pub const SENTRY_THREADS: u64 = 256;
+/// The kernel's default `cpu.shares`.
+pub const DEFAULT_CPU_SHARES: u64 = 1024;
+/// `cpu.shares` of a warm-pool slot until it is claimed.
+pub const POOL_CPU_SHARES: u64 = 64;
 const CPU_PERIOD_US: u64 = 100_000;
 
 /// Limits of one sandbox; `None` is unlimited.
@@ -76,6 +80,16 @@ impl Cgroup {
             .unwrap_or_else(|| "max".into());
         std::fs::write(self.dir("pids").join("pids.max"), pids)?;
         Ok(())
+    }
+
+    /// CPU weight against other sandboxes (the kernel's default is 1024).
+    /// Warm-pool slots boot at a low weight so refills yield to sandboxes
+    /// users are waiting for; a claim restores the default.
+    pub fn set_cpu_shares(&self, shares: u64) -> io::Result<()> {
+        std::fs::write(
+            self.dir("cpu").join("cpu.shares"),
+            shares.max(2).to_string(),
+        )
     }
 
     /// Whether the memory controller killed something in this cgroup.

@@ -264,6 +264,11 @@ async fn serve(
         }
         Err(e) => return Err(format!("cannot set up the sandbox's cgroups: {e}").into()),
     };
+    if cgroup_ok && cfg.pooled {
+        if let Err(e) = cgroup.set_cpu_shares(gworker_runtime::cgroup::POOL_CPU_SHARES) {
+            eprintln!("supervisor: cannot lower the warm slot's CPU weight: {e}");
+        }
+    }
     let network = if cfg.networked() {
         let state = cfg
             .net_state_dir
@@ -660,12 +665,20 @@ async fn claim(
     limits: gworker_runtime::Limits,
 ) -> Result<serde_json::Value, SupError> {
     wait_running(shared).await?;
-    shared.cgroup.apply(&limits).map_err(|e| {
-        SupError::new(
-            "internal",
-            format!("cannot apply the sandbox's limits: {e}"),
-        )
-    })?;
+    shared
+        .cgroup
+        .apply(&limits)
+        .and_then(|()| {
+            shared
+                .cgroup
+                .set_cpu_shares(gworker_runtime::cgroup::DEFAULT_CPU_SHARES)
+        })
+        .map_err(|e| {
+            SupError::new(
+                "internal",
+                format!("cannot apply the sandbox's limits: {e}"),
+            )
+        })?;
     {
         let mut st = shared.lock();
         if st.claimed {
