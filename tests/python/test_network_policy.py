@@ -165,3 +165,34 @@ def test_bad_network_requests(daemon: Any) -> None:
         Sandbox.create(image=Image.from_name("busybox"), cidr_allowlist=["10.0.0.0/33"])
     with pytest.raises(InvalidRequestError, match="contradict"):
         Sandbox.create(image=Image.from_name("busybox"), block_network=True, cidr_allowlist=["1.2.3.4"])
+
+
+def test_network_of_a_killed_sandbox_is_removed_at_daemon_start(daemon: Any) -> None:
+    import signal
+    import time
+
+    sb = Sandbox.create(["sleep", "300"], image=Image.from_name("busybox"), timeout=120)
+    sid = sb.object_id
+    try:
+        assert sb.exec(["true"]).wait() == 0
+        assert os.path.exists(f"/run/netns/gw-{sid}")
+        # Kill the daemon, then the sandbox's supervisor and runsc: nobody is
+        # left to remove the network but the next daemon.
+        daemon.kill()
+        out = subprocess.run(["pgrep", "-f", sid], capture_output=True, text=True).stdout.split()
+        for pid in out:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+        assert os.path.exists(f"/run/netns/gw-{sid}"), "the network outlived its sandbox (as expected so far)"
+        daemon.start()
+        assert not os.path.exists(f"/run/netns/gw-{sid}")
+        assert not (Path(daemon.data_dir) / "net" / f"{sid}.json").exists()
+        rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
+        assert f"gw:{sid}" not in rules
+    finally:
+        if not daemon.alive():
+            daemon.start()
+        sb.terminate()
