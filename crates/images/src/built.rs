@@ -669,9 +669,16 @@ impl ImageStore {
                     _ => self.pull_ref(reference, opts)?,
                 };
                 let mut lowers = r.layers.clone();
-                lowers.push(self.gworker_layer()?);
+                let shim = !r.layers.iter().any(|l| {
+                    self.layer_dir(l)
+                        .join("diff/etc/ld.so.preload")
+                        .symlink_metadata()
+                        .is_ok()
+                });
+                let gw = self.gworker_layer(shim)?;
+                lowers.push(gw.clone());
                 Ok(Base {
-                    identity: format!("registry:{}", r.manifest_digest),
+                    identity: format!("registry:{}+{gw}", r.manifest_digest),
                     lowers,
                     config: r.config,
                 })
@@ -716,10 +723,18 @@ impl ImageStore {
         Ok(rec)
     }
 
-    /// A tiny layer every registry image gets: the `/.gworker` directory the
-    /// agent is mounted in.
-    fn gworker_layer(&self) -> Result<String, ImageError> {
-        let key = "gworker-base-v1".to_string();
+    /// A tiny layer on top of every registry image: the `/.gworker`
+    /// directory the agent is mounted in and, with `shim`, the statx shim
+    /// debian-slim has too (`statx_fix.c`: this gVisor fails coreutils' `ls`
+    /// without it). glibc reads /etc/ld.so.preload; musl and static binaries
+    /// ignore it. The shim needs only GLIBC_2.2.5 symbols, so any glibc loads it.
+    fn gworker_layer(&self, shim: bool) -> Result<String, ImageError> {
+        let key = if shim {
+            "gworker-base-v2-statx"
+        } else {
+            "gworker-base-v2"
+        }
+        .to_string();
         let dir = self.layer_dir(&key);
         if dir.join("layer.json").is_file() {
             return Ok(key);
@@ -729,6 +744,9 @@ impl ImageStore {
         let d = tmp.join("diff/.gworker");
         fs::create_dir_all(&d)?;
         fs::set_permissions(&d, fs::Permissions::from_mode(0o755))?;
+        if shim {
+            crate::recipe::install_statx_fix(&tmp.join("diff"))?;
+        }
         let meta = LayerMeta {
             key: key.clone(),
             parent: None,

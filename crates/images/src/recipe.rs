@@ -362,7 +362,7 @@ fn allow_system_pip(rootfs: &Path) -> Result<(), ImageError> {
 
 /// Compiles `statx_fix.c` (see there: `ls` fails under this gVisor without
 /// it) against the host's glibc, which is bookworm's too, and preloads it.
-fn install_statx_fix(rootfs: &Path) -> Result<(), ImageError> {
+pub(crate) fn install_statx_fix(rootfs: &Path) -> Result<(), ImageError> {
     const IMG: &str = "debian-slim";
     const SOURCE: &str = include_str!("statx_fix.c");
     let dir = rootfs.join("usr/lib/gworker");
@@ -392,6 +392,8 @@ fn install_statx_fix(rootfs: &Path) -> Result<(), ImageError> {
             ),
         ));
     }
+    fs::create_dir_all(rootfs.join("etc"))
+        .map_err(|e| io_ctx(IMG, "create", &rootfs.join("etc"), e))?;
     write_file(
         rootfs,
         "etc/ld.so.preload",
