@@ -516,6 +516,7 @@ impl ImageStore {
         if let Some(t) = tag {
             check_tag(t)?;
         }
+        let _gc = self.gc_lock(false)?;
         fs::create_dir_all(self.layers_dir())?;
         let total = spec.steps.len() + 1;
         (opts.events)(BuildEvent::Step {
@@ -684,6 +685,25 @@ impl ImageStore {
                 })
             }
         }
+    }
+
+    /// Builds hold this shared, `gc` exclusive: gc never sees a layer that a
+    /// build stored but has not recorded yet.
+    fn gc_lock(&self, exclusive: bool) -> Result<nix::fcntl::Flock<fs::File>, ImageError> {
+        let dir = self.root.join(".locks");
+        fs::create_dir_all(&dir)?;
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join("gc.lock"))?;
+        let arg = if exclusive {
+            nix::fcntl::FlockArg::LockExclusive
+        } else {
+            nix::fcntl::FlockArg::LockShared
+        };
+        nix::fcntl::Flock::lock(file, arg).map_err(|(_, e)| ImageError::Io(io::Error::from(e)))
     }
 
     fn ref_path(&self, reference: &str) -> PathBuf {
@@ -912,6 +932,8 @@ impl ImageStore {
     /// Removes layers no image or cached registry reference needs, and
     /// uploaded blobs no image refers to.
     pub fn gc(&self) -> Result<api::GcResult, ImageError> {
+        // No build or pull is between storing a layer and recording it.
+        let _builds = self.gc_lock(true)?;
         let _lock = self.lock("tags", &mut |_| {})?;
         let mut keep = std::collections::HashSet::new();
         let mut keep_blobs = std::collections::HashSet::new();
