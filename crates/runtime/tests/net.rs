@@ -798,6 +798,7 @@ fn runsc_sandbox_gets_the_policy() {
     fs::write(&resolv, SandboxNet::resolv_conf()).unwrap();
     let mut config = gworker_runtime::oci_config(&gworker_runtime::BundleSpec {
         user: None,
+        network: None,
         rootfs: rootfs.clone(),
         agent: rootfs.join("bin/busybox"),
         hostname: "nettest".into(),
@@ -944,6 +945,7 @@ fn runsc_wrapper_keeps_later_host_mounts_visible() {
 
     let mut config = gworker_runtime::oci_config(&gworker_runtime::BundleSpec {
         user: None,
+        network: None,
         rootfs: rootfs.clone(),
         agent: rootfs.join("bin/busybox"),
         hostname: "proptest".into(),
