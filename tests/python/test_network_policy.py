@@ -154,6 +154,11 @@ def test_network_is_removed_with_the_sandbox(daemon: Any, sandboxes: Any) -> Non
     assert os.path.exists(f"/run/netns/gw-{sid}")
     assert (Path(daemon.data_dir) / "net" / f"{sid}.json").exists()
     sb.terminate()
+    # The supervisor removes it just after answering the terminate.
+    import time
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/run/netns/gw-{sid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not os.path.exists(f"/run/netns/gw-{sid}")
     assert not (Path(daemon.data_dir) / "net" / f"{sid}.json").exists()
     rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout

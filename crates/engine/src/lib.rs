@@ -1243,6 +1243,7 @@ impl Engine {
     pub async fn terminate(&self, id: &str) -> Result<()> {
         self.row(id)?;
         let live = self.live(id);
+        let mut sup_gone = live.is_none();
         if let Some(live) = &live {
             let mut rx = live.ready.clone();
             // A sandbox still starting is let finish starting, then stopped.
@@ -1253,13 +1254,14 @@ impl Engine {
             .await;
             if let Err(e) = live.sup.shutdown().await {
                 tracing::debug!(sandbox = %id, error = %e, "supervisor already gone");
+                sup_gone = true;
             }
         }
         self.live.lock().unwrap().remove(id);
-        // Its supervisor removes its network when runsc ends; one that was
-        // killed cannot.
+        // Its supervisor removes its network right after runsc ends; one
+        // that was killed cannot.
         let dir = self.net_state_dir();
-        if dir.join(format!("{id}.json")).exists() {
+        if sup_gone && dir.join(format!("{id}.json")).exists() {
             let id2 = id.to_string();
             let res = tokio::task::spawn_blocking(move || {
                 gworker_runtime::net::SandboxNet::teardown(&id2, &dir)

@@ -113,6 +113,8 @@ struct State {
     stopping: bool,
     /// Set once `runsc run` has ended (or never started).
     runsc_exited: bool,
+    /// Set once the sandbox's network is gone (at once if it had none).
+    net_removed: bool,
     /// Bumped each time the container is replaced (checkpoint + restore in
     /// place); readers and waiters of an older generation stand down.
     gen: u64,
@@ -330,6 +332,7 @@ async fn serve(
             pending: HashMap::new(),
             stopping: false,
             runsc_exited: false,
+            net_removed: !cfg.networked(),
             gen: 0,
             quiesced: None,
             pongs: HashMap::new(),
@@ -365,6 +368,7 @@ async fn serve(
         Err(e) => {
             remove_network(&shared.cfg);
             let mut st = shared.lock();
+            st.net_removed = true;
             st.exit(None, "failed", Some(format!("cannot start runsc: {e}")));
             st.container_gone();
             st.stopping = true;
@@ -391,6 +395,20 @@ async fn serve(
     tokio::select! {
         _ = accept => {}
         _ = shared.shutdown.notified() => {}
+    }
+    // The network goes after the answer to a shutdown, but before this
+    // process does (bounded: the daemon removes what is left at its start).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let notified = shared.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if shared.lock().net_removed {
+            break;
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            break;
+        }
     }
     Ok(())
 }
@@ -877,10 +895,14 @@ async fn runsc_waiter(shared: Arc<Shared>, mut child: tokio::process::Child, gen
     let _ = tokio::task::spawn_blocking(move || {
         let _ = s2.runsc.delete_force(&s2.cfg.sandbox_id);
         s2.cgroup.remove();
-        remove_network(&s2.cfg);
     })
     .await;
     shared.lock().runsc_exited = true;
+    shared.changed.notify_waiters();
+    // After runsc_exited: a terminate does not wait for the ~50 ms this takes.
+    let s2 = shared.clone();
+    let _ = tokio::task::spawn_blocking(move || remove_network(&s2.cfg)).await;
+    shared.lock().net_removed = true;
     shared.changed.notify_waiters();
 }
 
