@@ -94,6 +94,22 @@ pub struct CreateArgs {
     /// Mount a volume read-write at an absolute path (repeatable).
     #[arg(long = "volume", short = 'v', value_name = "PATH=NAME", value_parser = parse_env)]
     volumes: Vec<(String, String)>,
+    /// CPU limit in cores, fractional [default: the daemon's].
+    #[arg(long, value_name = "CORES")]
+    cpu: Option<f64>,
+    /// Memory limit in MiB for the whole sandbox [default: the daemon's, 2048].
+    #[arg(long, value_name = "MIB")]
+    memory: Option<u64>,
+    /// Most processes and threads inside the sandbox [default: the daemon's].
+    #[arg(long, value_name = "N")]
+    max_processes: Option<u64>,
+    /// No network at all: loopback only [default: the internet, never this
+    /// host, its networks or other sandboxes].
+    #[arg(long, conflicts_with = "cidr_allow")]
+    block_network: bool,
+    /// Allow outbound traffic only to this IPv4 CIDR (repeatable; DNS stays allowed).
+    #[arg(long, value_name = "CIDR")]
+    cidr_allow: Vec<String>,
     /// Print the sandbox as JSON instead of its ID.
     #[arg(long)]
     json: bool,
@@ -364,6 +380,11 @@ async fn create(a: CreateArgs) -> CmdResult {
                 (path, r)
             })
             .collect(),
+        cpu: a.cpu,
+        memory: a.memory,
+        max_processes: a.max_processes,
+        block_network: a.block_network,
+        cidr_allowlist: (!a.cidr_allow.is_empty()).then_some(a.cidr_allow),
         ..Default::default()
     };
     let sb = Sandbox::create(&c, opts)

@@ -337,3 +337,41 @@ fn snapshot_take_list_restore_and_remove() {
     assert_eq!(code, Some(1));
     assert!(err.contains("no snapshot"), "{err}");
 }
+
+#[test]
+fn create_with_limits_and_network_policy() {
+    let d = daemon_or_skip!();
+    let id = d.create(&[
+        "--memory",
+        "300",
+        "--max-processes",
+        "100",
+        "--cpu",
+        "0.5",
+        "--block-network",
+    ]);
+    let info: serde_json::Value = serde_json::from_str(&d.ok(&["info", &id, "--json"])).unwrap();
+    assert_eq!(info["memory"], 300);
+    assert_eq!(info["max_processes"], 100);
+    assert_eq!(info["cpu"], 0.5);
+    assert_eq!(info["network"], "blocked");
+    // Loopback only inside.
+    assert_eq!(d.ok(&["exec", &id, "--", "ls", "/sys/class/net"]), "lo\n");
+
+    let id = d.create(&[
+        "--cidr-allow",
+        "203.0.113.0/24",
+        "--cidr-allow",
+        "198.51.100.7",
+    ]);
+    let info: serde_json::Value = serde_json::from_str(&d.ok(&["info", &id, "--json"])).unwrap();
+    assert_eq!(info["network"], "allowlist");
+    assert_eq!(
+        info["cidr_allowlist"],
+        serde_json::json!(["203.0.113.0/24", "198.51.100.7/32"])
+    );
+
+    let o = d.run(&["create", "--image", "busybox", "--cidr-allow", "not-a-cidr"]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("cidr_allowlist"), "{}", stderr(&o));
+}
