@@ -201,3 +201,24 @@ def test_network_of_a_killed_sandbox_is_removed_at_daemon_start(daemon: Any) -> 
         if not daemon.alive():
             daemon.start()
         sb.terminate()
+
+
+def test_snapshot_copies_get_their_own_working_network(daemon: Any, sandboxes: Any, test_hosts: Any) -> None:
+    src = sandboxes(image=Image.debian_slim())
+    assert probe(src, test_hosts["public"], 8000) == "OPEN public"
+    # This runsc cannot checkpoint with a TCP connection in TIME_WAIT (about
+    # 60 s after the probe's close); a fresh sandbox has none.
+    src2 = sandboxes(image=Image.debian_slim())
+    snap = src2.snapshot()
+    copy = sandboxes(snapshot=snap, image=Image.debian_slim())
+    assert copy._info["network"] == "internet"
+    assert probe(copy, test_hosts["public"], 8000) == "OPEN public"
+    assert probe(copy, test_hosts["private"], 8000).startswith("REFUSED")
+    assert probe(src2, test_hosts["public"], 8000) == "OPEN public"
+    # The snapshot of a sandbox without network yields copies without one.
+    blocked = sandboxes(image=Image.debian_slim(), block_network=True)
+    bsnap = blocked.snapshot()
+    bcopy = sandboxes(snapshot=bsnap, image=Image.debian_slim())
+    assert bcopy._info["network"] == "blocked"
+    with pytest.raises(Exception, match="network"):
+        Sandbox.create(snapshot=bsnap, image=Image.debian_slim(), cidr_allowlist=["1.2.3.4"])

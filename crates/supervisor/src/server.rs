@@ -1387,6 +1387,26 @@ async fn checkpoint_inner(
             "checkpoint failed and the sandbox was lost: {e}"
         )));
     }
+    // runsc took the veth's addresses into the stopped sandbox: the restore
+    // gets a fresh veth on the same slot (same addresses, same rules).
+    if shared.cfg.networked() {
+        let cfg = shared.cfg.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let state = cfg.net_state_dir.clone().unwrap_or_default();
+            gworker_runtime::net::SandboxNet::setup(
+                &cfg.sandbox_id,
+                &cfg.network.clone().unwrap_or_default(),
+                &state,
+            )
+        })
+        .await;
+        if !matches!(res, Ok(Ok(_))) {
+            kill_sandbox(shared, "failed");
+            return Err(failed(format!(
+                "cannot restore the sandbox's network after its snapshot: {res:?}"
+            )));
+        }
+    }
     let gen = shared.lock().gen;
     let bundle = shared.dir.join("bundle");
     let cmd = shared
