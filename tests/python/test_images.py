@@ -163,3 +163,13 @@ def test_bad_input_is_refused_before_anything_runs(daemon: Any, tmp_path: Path) 
     with pytest.raises(InvalidRequestError, match="digest"):
         t.call("POST", "/v1/images/blobs?digest=sha256:" + "1" * 64, raw_body=b"abc",
                content_type="application/x-tar")
+
+
+def test_a_builtin_without_steps_is_the_builtin(daemon: Any, sandboxes: Any) -> None:
+    evs = build_events({"spec": {"base": {"name": "busybox"}, "steps": []}, "tag": "my-busybox"})
+    assert evs[-1]["event"] == "done", evs
+    assert evs[-1]["image"]["image_id"] == "busybox"
+    assert "my-busybox" in evs[-1]["image"]["tags"]
+    sb = sandboxes(image=Image.from_name("my-busybox"))
+    assert sb._info["image"] == "busybox"
+    assert run(sb, "echo", "ok") == "ok\n"

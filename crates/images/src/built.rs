@@ -381,6 +381,10 @@ impl ImageStore {
         let Some(id) = self.resolve(name)? else {
             return Ok(None);
         };
+        if Self::is_known(&id) {
+            // A tag of a built-in.
+            return self.ready(&id);
+        }
         let Some(rec) = self.read_record(&id)? else {
             return Ok(None);
         };
@@ -526,6 +530,17 @@ impl ImageStore {
             cached: self.base_cached(&spec.base, opts.force_pull),
         });
         let base = self.resolve_base(&spec.base, opts)?;
+        // A built-in with no steps is the built-in itself.
+        if let ([], [only]) = (spec.steps.as_slice(), base.lowers.as_slice()) {
+            if let Some(name) = only.strip_prefix("builtin:") {
+                if let Some(t) = tag {
+                    self.tag(name, t)?;
+                }
+                return self.describe(name)?.ok_or_else(|| {
+                    BuildFailure::new(api::ErrorCode::Internal, format!("{name} vanished"))
+                });
+            }
+        }
         let mut key = base.identity.clone();
         let mut lowers = base.lowers.clone();
         let mut config = base.config.clone();
@@ -842,7 +857,14 @@ impl ImageStore {
     fn builtin_api_info(&self, info: &ImageInfo) -> api::ImageInfo {
         api::ImageInfo {
             image_id: info.name.clone(),
-            tags: vec![info.name.clone()],
+            tags: std::iter::once(info.name.clone())
+                .chain(
+                    self.tags()
+                        .into_iter()
+                        .filter(|(_, id)| *id == info.name)
+                        .map(|(t, _)| t),
+                )
+                .collect(),
             layers: vec![format!("builtin:{}", info.name)],
             size_bytes: info.size_bytes,
             created_at: info
@@ -865,6 +887,9 @@ impl ImageStore {
         let Some(id) = self.resolve(name)? else {
             return Ok(None);
         };
+        if Self::is_known(&id) {
+            return self.describe(&id);
+        }
         Ok(self.read_record(&id)?.map(|r| self.api_info(&r)))
     }
 
