@@ -44,3 +44,9 @@ def test_reconnect(daemon):
     assert "progress: tick-1 tick-2 tick-3 tick-4 tick-5" in lines
     assert "note: note from the first process" in lines
     assert lines[-1] == "terminated: lookup now raises NotFoundError"
+
+
+def test_grader(daemon):
+    out = run_example(daemon, "grader.py")
+    assert "2 passed" in out
+    assert out.endswith("grade: pass\n")
