@@ -60,3 +60,12 @@ def test_unknown_package_fails_clearly(daemon: Any) -> None:
         Image.debian_slim().pip_install("no-such-package-gworker-xyz").build(quiet=True)
     assert e.value.exit_code != 0
     assert "no-such-package-gworker-xyz" in (e.value.output or "").lower()
+
+
+def test_debian_slim_python_3_13_is_trixie(daemon: Any, sandboxes: Any) -> None:
+    sb = sandboxes(image=Image.debian_slim("3.13"), timeout=300)
+    assert run(sb, "python3", "-c", "import sys; print(sys.version_info[:2])") == "(3, 13)\n"
+    assert "trixie" in run(sb, "cat", "/etc/os-release")
+    assert "pip" in run(sb, "python3", "-m", "pip", "--version")
+    # coreutils 9 under this gVisor needs the statx shim here too.
+    assert "bin" in run(sb, "ls", "/").split()
