@@ -12,11 +12,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
 use gworker_api::{self as api};
-use gworker_engine::{Engine, EngineError};
+use gworker_engine::Engine;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use crate::error::ApiError;
+use crate::routes_store::{blocking, json, path};
 
 type Eng = State<Arc<Engine>>;
 type ApiResult<T> = Result<T, ApiError>;
@@ -29,25 +30,6 @@ pub fn routes() -> Router<Arc<Engine>> {
         .route("/v1/images/blobs", post(upload_blob))
         .route("/v1/images/gc", post(gc_images))
         .route("/v1/images/{name}", get(get_image).delete(delete_image))
-}
-
-fn json<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> ApiResult<T> {
-    let body = body.map_err(|e| ApiError::invalid(format!("cannot read the request body: {e}")))?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
-}
-
-fn path(p: Result<Path<String>, PathRejection>) -> ApiResult<String> {
-    p.map(|Path(v)| v)
-        .map_err(|e| ApiError::new(api::ErrorCode::NotFound, format!("bad path: {e}")))
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
-) -> ApiResult<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::new(api::ErrorCode::Internal, e.to_string()))?
-        .map_err(ApiError::from)
 }
 
 /// Streams build events as NDJSON until the last one (`done` or `error`).
@@ -79,7 +61,7 @@ pub async fn build_image(
     State(e): Eng,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let req: api::BuildImage = json(body)?;
+    let req: api::BuildImage = json(body, true)?;
     let (spec, tag) = (req.spec, req.tag);
     let (e2, s2, t2) = (e.clone(), spec.clone(), tag.clone());
     blocking(move || e2.check_build(&s2, t2.as_deref())).await?;
@@ -93,7 +75,7 @@ pub async fn build_image(
                content_type = "application/x-ndjson", body = api::BuildEvent),
               (status = 400, body = api::ErrorBody)))]
 pub async fn pull_image(State(e): Eng, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
-    let req: api::PullImage = json(body)?;
+    let req: api::PullImage = json(body, true)?;
     let spec = api::ImageSpec {
         base: api::ImageBase::Registry {
             reference: req.reference,

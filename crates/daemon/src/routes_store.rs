@@ -35,7 +35,7 @@ pub fn routes() -> Router<Arc<Engine>> {
         .route("/v1/secrets/{name}", get(get_secret).delete(delete_secret))
 }
 
-fn path<T>(p: Result<Path<T>, PathRejection>) -> ApiResult<T> {
+pub(crate) fn path<T>(p: Result<Path<T>, PathRejection>) -> ApiResult<T> {
     p.map(|Path(v)| v)
         .map_err(|e| ApiError::new(api::ErrorCode::NotFound, format!("bad path: {e}")))
 }
@@ -45,7 +45,7 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
         .map_err(|e| ApiError::invalid(format!("bad query: {e}")))
 }
 
-fn json<T: serde::de::DeserializeOwned>(
+pub(crate) fn json<T: serde::de::DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
     quote_errors: bool,
 ) -> ApiResult<T> {
@@ -64,7 +64,7 @@ fn json<T: serde::de::DeserializeOwned>(
     })
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
 ) -> ApiResult<T> {
     tokio::task::spawn_blocking(f)

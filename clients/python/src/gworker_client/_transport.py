@@ -236,31 +236,19 @@ class Transport:
     ) -> Tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """POST a JSON body on a dedicated connection (no read timeout) and
         return the connection and the streamed response (e.g. build events)."""
-        conn = self._new_connection(None)
-        self._connect(conn)
-        try:
-            conn.request("POST", path, body=body, headers=self._headers("application/json"))
-            resp = conn.getresponse()
-            if resp.status != 200:
-                data = resp.read()
-                conn.close()
-                raise self.error(resp.status, data)
-            return conn, resp
-        except (OSError, http.client.HTTPException) as e:
-            conn.close()
-            if isinstance(e, GworkerError):
-                raise
-            raise self.unavailable(f"connection lost: {e!r}") from e
+        return self.open_stream(path, method="POST", body=body)
 
-    def open_stream(self, path: str) -> Tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        """Open a streamed GET on a dedicated connection (no read timeout).
+    def open_stream(
+        self, path: str, *, method: str = "GET", body: Optional[bytes] = None
+    ) -> Tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Open a streamed request (GET unless told) on a dedicated connection (no read timeout).
         Returns the connection and the response positioned at the body. Any
         failure to talk raises :class:`DaemonUnavailableError`; an error answer
         raises the exception for its code."""
         conn = self._new_connection(None)
         self._connect(conn)
         try:
-            conn.request("GET", path, headers=self._headers(None))
+            conn.request(method, path, body=body, headers=self._headers("application/json" if body else None))
             resp = conn.getresponse()
             if resp.status != 200:
                 data = resp.read()
