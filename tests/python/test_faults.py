@@ -542,3 +542,41 @@ def test_schemathesis_fuzz(daemon, tmp_path):
             d2.stop()
             left = wait_no_leftovers(d2, ids)
             assert not left, f"fuzzing left sandboxes behind after terminate: {left}"
+
+
+def test_daemon_sigkill_during_image_build(daemon):
+    """A build cut short by a daemon crash leaves nothing: no half-made layer,
+    no build sandbox, no overlay mount; the same build then succeeds."""
+    from gworker_client._transport import Transport
+
+    marker = secrets.token_hex(4)
+    spec = {"base": {"name": "busybox"}, "steps": [{"run_commands": [f"echo {marker} > /m", "sleep 30"]}]}
+    conn, resp = Transport.from_env().open_post_stream("/v1/images/build", json.dumps({"spec": spec}).encode())
+    # Wait until the step runs in its build sandbox.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if pgrep("gwb-") and any(str(daemon.data_dir) in cmd for _, cmd in pgrep("gwb-")):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the build sandbox never started")
+    layers = daemon.data_dir / "images" / "layers"
+    assert [n for n in os.listdir(layers) if n.startswith(".tmp-")], "a layer is being made"
+    daemon.kill()
+    conn.close()
+    daemon.start()
+    assert not [n for n in os.listdir(layers) if n.startswith(".tmp-")]
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert str(layers / ".tmp-") not in mounts
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and [p for p, cmd in pgrep("gwb-") if str(daemon.data_dir) in cmd]:
+        time.sleep(0.2)
+    assert not [p for p, cmd in pgrep("gwb-") if str(daemon.data_dir) in cmd]
+    # The same step, without the sleep, builds from scratch.
+    image_id = Image.from_name("busybox").run_commands(f"echo {marker} > /m", "true").build(quiet=True)
+    sb = Sandbox.create(["cat", "/m"], image=Image.from_name(image_id), timeout=60)
+    try:
+        assert sb.wait() == 0
+        assert sb.stdout.read() == f"{marker}\n"
+    finally:
+        sb.terminate()
