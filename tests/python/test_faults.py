@@ -475,6 +475,11 @@ def test_data_disk_full(daemon):
         if d2 is not None and d2.alive():
             for sid in set(ids) | {s["sandbox_id"] for s in d2.request("GET", "/v1/sandboxes")[1]["sandboxes"]}:
                 d2.request("DELETE", f"/v1/sandboxes/{sid}")
+            # Supervisors remove their sandbox's network just after answering
+            # the terminate: let them finish before their data dir goes away.
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and list((data / "net").glob("sb-*.json")):
+                time.sleep(0.05)
             d2.stop()
         for pid, cmd in pgrep(str(mnt)):
             if any(sid in cmd for sid in ids):

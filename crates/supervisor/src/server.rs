@@ -286,7 +286,8 @@ async fn serve(
         .await?
         .map_err(|e| format!("cannot set up the sandbox's network: {e}"))?;
         let resolv = dir.join("resolv.conf");
-        std::fs::write(&resolv, gworker_runtime::net::SandboxNet::resolv_conf())?;
+        std::fs::write(&resolv, gworker_runtime::net::SandboxNet::resolv_conf())
+            .inspect_err(|_| remove_network(&cfg))?;
         Some((net.netns_path(), resolv))
     } else {
         None
@@ -309,7 +310,8 @@ async fn serve(
                 })
                 .collect(),
         },
-    )?;
+    )
+    .inspect_err(|_| remove_network(&cfg))?;
     let runsc = gworker_runtime::Runsc::new(&cfg.runsc_bin, &cfg.runsc_root);
     let (to_agent, rx) = mpsc::unbounded_channel();
     let mut procs = BTreeMap::new();
@@ -397,8 +399,10 @@ async fn serve(
         _ = shared.shutdown.notified() => {}
     }
     // The network goes after the answer to a shutdown, but before this
-    // process does (bounded: the daemon removes what is left at its start).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    // process does: normally runsc_waiter removes it once runsc has ended;
+    // whatever path skipped that (a container replaced by a failed restore,
+    // say), it is removed here.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let notified = shared.changed.notified();
         tokio::pin!(notified);
@@ -407,6 +411,8 @@ async fn serve(
             break;
         }
         if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            let cfg = shared.cfg.clone();
+            let _ = tokio::task::spawn_blocking(move || remove_network(&cfg)).await;
             break;
         }
     }
