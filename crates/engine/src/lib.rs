@@ -385,22 +385,12 @@ impl Engine {
     /// machine rebooted): only those recorded in this daemon's state dir.
     fn remove_stale_networks(&self) {
         let dir = self.net_state_dir();
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(id) = name.strip_suffix(".json") else {
-                continue;
-            };
-            let alive = std::os::unix::net::UnixStream::connect(self.sock_path(id)).is_ok();
+        for id in gworker_runtime::net::recorded_ids(&dir) {
+            let alive = std::os::unix::net::UnixStream::connect(self.sock_path(&id)).is_ok();
             if !alive {
-                tracing::info!(
-                    sandbox = id,
-                    "removing the network of a sandbox that is gone"
-                );
-                if let Err(err) = gworker_runtime::net::SandboxNet::teardown(id, &dir) {
-                    tracing::warn!(sandbox = id, error = %err, "cannot remove a stale sandbox network");
+                tracing::info!(sandbox = %id, "removing the network of a sandbox that is gone");
+                if let Err(err) = gworker_runtime::net::SandboxNet::teardown(&id, &dir) {
+                    tracing::warn!(sandbox = %id, error = %err, "cannot remove a stale sandbox network");
                 }
             }
         }

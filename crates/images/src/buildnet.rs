@@ -54,16 +54,10 @@ pub(crate) fn runsc_wrapper() -> Vec<String> {
 /// Removes networks of build steps a crashed daemon left (those recorded in
 /// this store's own state directory; other daemons' are not touched).
 pub(crate) fn cleanup_stale(state_dir: &Path) {
-    let Ok(entries) = fs::read_dir(state_dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(id) = name.strip_suffix(".json") {
-            tracing::info!(id, "removing a build step's network left by a crash");
-            if let Err(err) = SandboxNet::teardown(id, state_dir) {
-                tracing::warn!(id, error = %err, "cannot remove a build step's network");
-            }
+    for id in gworker_runtime::net::recorded_ids(state_dir) {
+        tracing::info!(id, "removing a build step's network left by a crash");
+        if let Err(err) = SandboxNet::teardown(&id, state_dir) {
+            tracing::warn!(id, error = %err, "cannot remove a build step's network");
         }
     }
 }

@@ -334,6 +334,22 @@ impl ImageStore {
         }
     }
 
+    /// IDs of the images built from descriptions (those with a record).
+    fn record_ids(&self) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(self.root.join("built")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_suffix(".json")
+                    .filter(|id| is_image_id(id))
+                    .map(str::to_string)
+            })
+            .collect()
+    }
+
     pub(crate) fn read_layer(&self, key: &str) -> Option<LayerMeta> {
         let b = fs::read(self.layer_dir(key).join("layer.json")).ok()?;
         serde_json::from_slice(&b).ok()
@@ -901,14 +917,9 @@ impl ImageStore {
             .map(|i| self.builtin_api_info(i))
             .collect();
         let mut built = Vec::new();
-        if let Ok(entries) = fs::read_dir(self.root.join("built")) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if let Some(id) = name.strip_suffix(".json") {
-                    if let Some(rec) = self.read_record(id)? {
-                        built.push(self.api_info(&rec));
-                    }
-                }
+        for id in self.record_ids() {
+            if let Some(rec) = self.read_record(&id)? {
+                built.push(self.api_info(&rec));
             }
         }
         built.sort_by(|a, b| a.created_at.total_cmp(&b.created_at));
@@ -962,18 +973,12 @@ impl ImageStore {
         let _lock = self.lock("tags", &mut |_| {})?;
         let mut keep = std::collections::HashSet::new();
         let mut keep_blobs = std::collections::HashSet::new();
-        if let Ok(entries) = fs::read_dir(self.root.join("built")) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if let Some(rec) = name
-                    .strip_suffix(".json")
-                    .and_then(|id| self.read_record(id).ok().flatten())
-                {
-                    keep.extend(rec.lowers.iter().cloned());
-                    for s in &rec.spec.steps {
-                        if let ImageStep::AddFiles { blob, .. } = s {
-                            keep_blobs.insert(blob.trim_start_matches("sha256:").to_string());
-                        }
+        for id in self.record_ids() {
+            if let Some(rec) = self.read_record(&id).ok().flatten() {
+                keep.extend(rec.lowers.iter().cloned());
+                for s in &rec.spec.steps {
+                    if let ImageStep::AddFiles { blob, .. } = s {
+                        keep_blobs.insert(blob.trim_start_matches("sha256:").to_string());
                     }
                 }
             }

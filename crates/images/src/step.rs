@@ -353,20 +353,12 @@ fn run_in_sandbox(
         if Instant::now() > deadline && !timed_out {
             timed_out = true;
             let _ = child.kill();
-            let _ = Command::new(&opts.runsc)
-                .arg(format!("--root={}", state.display()))
-                .args(["kill", &id, "KILL"])
-                .output();
+            let _ = gworker_runtime::Runsc::new(&opts.runsc, &state).kill(&id, "KILL");
         }
     }
     let status = child.wait()?;
     let _ = pump.join();
-    let _ = Command::new(&opts.runsc)
-        .arg(format!("--root={}", state.display()))
-        .args(["delete", "--force", &id])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+    let _ = gworker_runtime::Runsc::new(&opts.runsc, &state).delete_force(&id);
     drop(net);
     if status.success() && !timed_out {
         return Ok(());
@@ -423,12 +415,7 @@ pub(crate) fn cleanup_build_sandboxes(store: &ImageStore, runsc: &Path) {
         .filter(|l| l.starts_with(BUILD_ID_PREFIX))
     {
         tracing::info!(container = id, "removing a build sandbox left by a crash");
-        let _ = Command::new(runsc)
-            .arg(format!("--root={}", state.display()))
-            .args(["delete", "--force", id])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        let _ = gworker_runtime::Runsc::new(runsc, &state).delete_force(id);
     }
     crate::buildnet::cleanup_stale(&store.net_state_dir());
 }

@@ -870,6 +870,12 @@ fn write_state(state_dir: &Path, id: &str, slot: Option<u32>) -> Result<(), NetE
 }
 
 /// id → slot (if claimed) of every readable state file.
+/// The ids that have a network recorded in `state_dir` (set up, or being set
+/// up, and not torn down): what a crash may have left, scoped to one owner.
+pub fn recorded_ids(state_dir: &Path) -> Vec<String> {
+    read_states(state_dir).into_keys().collect()
+}
+
 fn read_states(state_dir: &Path) -> BTreeMap<String, Option<u32>> {
     let mut out = BTreeMap::new();
     let Ok(entries) = fs::read_dir(state_dir) else {

@@ -402,19 +402,9 @@ async fn serve(
     // process does: normally runsc_waiter removes it once runsc has ended;
     // whatever path skipped that (a container replaced by a failed restore,
     // say), it is removed here.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let notified = shared.changed.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if shared.lock().net_removed {
-            break;
-        }
-        if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            let cfg = shared.cfg.clone();
-            let _ = tokio::task::spawn_blocking(move || remove_network(&cfg)).await;
-            break;
-        }
+    if !wait_for(&shared, Duration::from_secs(5), |st| st.net_removed).await {
+        let cfg = shared.cfg.clone();
+        let _ = tokio::task::spawn_blocking(move || remove_network(&cfg)).await;
     }
     Ok(())
 }
@@ -1032,6 +1022,22 @@ fn not_running() -> SupError {
     SupError::new("sandbox_not_running", "the sandbox is not running")
 }
 
+/// Waits until `done` holds (true) or `limit` passes (false).
+async fn wait_for(shared: &Arc<Shared>, limit: Duration, done: impl Fn(&State) -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let notified = shared.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if done(&shared.lock()) {
+            return true;
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return false;
+        }
+    }
+}
+
 /// Waits while the sandbox is starting: the entry process (0) and restored
 /// processes exist from then on.
 async fn wait_started(shared: &Arc<Shared>) {
@@ -1273,17 +1279,8 @@ async fn read(
 async fn shutdown(shared: &Arc<Shared>) {
     kill_sandbox(shared, "killed");
     // Wait for runsc_waiter to see the container end (bounded).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let notified = shared.changed.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if shared.lock().runsc_exited {
-            return;
-        }
-        if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            break;
-        }
+    if wait_for(shared, Duration::from_secs(10), |st| st.runsc_exited).await {
+        return;
     }
     // runsc did not end in time: remove its state by force.
     let s2 = shared.clone();
