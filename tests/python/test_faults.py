@@ -527,8 +527,11 @@ def test_schemathesis_fuzz(daemon, tmp_path):
                "--request-timeout", "30", "--no-shrink", "--workers", "1", "--seed", "20251126",
                "--exclude-path-regex", "/(wait|stdout|stderr)$|^/v1/images/(build|pull)$"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-        tail = "\n".join(proc.stdout.splitlines()[-40:])
-        print("\n" + tail)
+        print("\n" + proc.stdout)
+        # The summary comes last; the failing requests (with a curl line to
+        # reproduce each) come before it, so the message keeps both.
+        lines = proc.stdout.splitlines()
+        tail = "\n".join(lines[:-40][-80:] + ["..."] + lines[-40:]) if len(lines) > 40 else proc.stdout
         assert d2.alive(), "the daemon died under fuzzing:\n" + d2.log_tail()
         assert "panicked" not in d2.log_path.read_text(errors="replace")
         assert proc.returncode == 0, f"schemathesis found failures (exit {proc.returncode}):\n{tail}\n{proc.stderr[-2000:]}"

@@ -59,6 +59,32 @@ def test_cpu_limit_throttles(sandboxes):
     assert cpu_stat(free.sandbox_id)["nr_throttled"] == 0
 
 
+def cpu_quota_us(sandbox_id: str) -> int:
+    with open(f"/sys/fs/cgroup/cpu/gworker/{sandbox_id}/cpu.cfs_quota_us") as f:
+        return int(f.read())
+
+
+def test_a_tiny_cpu_limit_throttles_the_users_code_not_gvisor(sandboxes):
+    # At 0.02 cores, gVisor's boot alone took ~16 s and a checkpoint longer
+    # (the API fuzzer's request timed out on one). The quota applies from
+    # the agent's hello, is lifted for a snapshot, and comes back after it.
+    sb = sandboxes(cpu=0.02, timeout=300)
+    assert run(sb, ["echo", "up"])[:2] == (0, "up\n")
+    assert cpu_quota_us(sb.sandbox_id) == 2000
+    # Only the exec was throttled (~5-10 periods of 100 ms here); a throttled
+    # boot makes ~80.
+    assert cpu_stat(sb.sandbox_id)["nr_throttled"] < 40
+    snap = sb.snapshot()
+    try:
+        assert cpu_quota_us(sb.sandbox_id) == 2000
+        before = cpu_stat(sb.sandbox_id)["nr_throttled"]
+        busy = "end=$(( $(date +%s) + 2 )); while [ $(date +%s) -lt $end ]; do :; done"
+        assert run(sb, busy)[0] == 0
+        assert cpu_stat(sb.sandbox_id)["nr_throttled"] > before
+    finally:
+        snap.delete()
+
+
 def test_limits_are_reported_and_checked(sandboxes):
     sb = sandboxes(cpu=0.5, memory=300, max_processes=50)
     info = sb._transport.call("GET", f"/v1/sandboxes/{sb.sandbox_id}")

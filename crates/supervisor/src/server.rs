@@ -132,6 +132,10 @@ struct State {
     /// The entry command; for a pool slot, set by `Claim`.
     entry: Option<ProcSpec>,
     claimed: bool,
+    /// The user's limits (set by `Claim` for a warm-pool slot). The CPU
+    /// quota among them applies only while the sandbox runs the user's
+    /// code: gVisor's own boot, checkpoint and restore are not throttled.
+    limits: gworker_runtime::Limits,
 }
 
 impl State {
@@ -211,6 +215,9 @@ struct Shared {
     shutdown: Notify,
     dir: PathBuf,
     cgroup: gworker_runtime::Cgroup,
+    /// Whether the sandbox has cgroups of its own (not on a host without
+    /// writable cgroups when no limits were asked for).
+    cgroup_ok: bool,
 }
 
 impl Shared {
@@ -219,6 +226,27 @@ impl Shared {
     }
     fn send(&self, m: HostMsg) {
         let _ = self.to_agent.send(ToAgent::Msg(m));
+    }
+    /// Applies the user's limits, CPU quota included.
+    fn throttle(&self, limits: &gworker_runtime::Limits) {
+        if self.cgroup_ok {
+            if let Err(e) = self.cgroup.apply(limits) {
+                eprintln!("supervisor: cannot apply the sandbox's CPU limit: {e}");
+            }
+        }
+    }
+    /// Lifts the CPU quota (memory and process limits stay) while gVisor
+    /// works on the user's behalf: a boot or a checkpoint at 0.1 cores would
+    /// take ten times as long.
+    fn unthrottle(&self, limits: &gworker_runtime::Limits) {
+        self.throttle(&unthrottled(limits));
+    }
+}
+
+fn unthrottled(limits: &gworker_runtime::Limits) -> gworker_runtime::Limits {
+    gworker_runtime::Limits {
+        cpu: None,
+        ..limits.clone()
     }
 }
 
@@ -257,7 +285,7 @@ async fn serve(
     let listener = UnixListener::from_std(std_listener)?;
     let bundle = dir.join("bundle");
     let cgroup = gworker_runtime::Cgroup::new(&cfg.sandbox_id);
-    let cgroup_ok = match cgroup.create(&cfg.limits) {
+    let cgroup_ok = match cgroup.create(&unthrottled(&cfg.limits)) {
         Ok(()) => true,
         // Without limits asked for, a host without writable cgroups still runs sandboxes.
         Err(e) if cfg.limits == gworker_runtime::Limits::default() => {
@@ -348,6 +376,7 @@ async fn serve(
             },
             entry: if cfg.pooled { None } else { cfg.entry.clone() },
             claimed: !cfg.pooled,
+            limits: cfg.limits.clone(),
         }),
         changed: Notify::new(),
         to_agent,
@@ -356,6 +385,7 @@ async fn serve(
         shutdown: Notify::new(),
         dir: dir.clone(),
         cgroup,
+        cgroup_ok,
     });
     tokio::spawn(agent_writer(rx));
     let cmd = match &cfg.restore {
@@ -516,6 +546,9 @@ async fn finish_restore(shared: Arc<Shared>) {
         }
         if ok {
             st.phase = Phase::Running;
+            if st.claimed {
+                shared.throttle(&st.limits);
+            }
         } else {
             st.exit(
                 None,
@@ -603,6 +636,9 @@ fn on_agent_msg(shared: &Arc<Shared>, m: AgentMsg) {
             }
             if st.phase == Phase::Starting {
                 st.phase = Phase::Running;
+                if st.claimed {
+                    shared.throttle(&st.limits);
+                }
                 if let Some(entry) = st.entry.clone() {
                     start_entry(shared, &mut st, &entry);
                 }
@@ -705,6 +741,7 @@ async fn claim(
             return Err(not_running());
         }
         st.claimed = true;
+        st.limits = limits;
         st.deadline = deadline;
         st.entry = entry.clone();
         if let Some(e) = &entry {
@@ -1309,9 +1346,16 @@ async fn checkpoint(
         }
         st.checkpointing = true;
         st.quiesced = Some(qtx);
+        shared.unthrottle(&st.limits);
     }
     let result = checkpoint_inner(shared, image_path, qrx).await;
-    shared.lock().checkpointing = false;
+    {
+        let mut st = shared.lock();
+        st.checkpointing = false;
+        if st.claimed {
+            shared.throttle(&st.limits);
+        }
+    }
     shared.changed.notify_waiters();
     result
 }
