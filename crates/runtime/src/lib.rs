@@ -222,6 +222,10 @@ pub struct BundleSpec {
     /// The sandbox's own network namespace (`net::SandboxNet`) and the
     /// resolv.conf to bind-mount read-only; `None`: loopback only.
     pub network: Option<(PathBuf, PathBuf)>,
+    /// A [`net::ReadyGate`]'s FIFO: runsc's prestart hook waits on it before
+    /// runsc reads the network namespace, so the network can be made while
+    /// runsc boots.
+    pub network_gate: Option<PathBuf>,
 }
 
 /// A host directory bind-mounted read-write into the sandbox. runsc's default
@@ -304,6 +308,9 @@ pub fn oci_config(spec: &BundleSpec) -> Value {
                 "source": resolv, "options": ["rbind", "ro"]}));
         }
     }
+    if let Some(fifo) = &spec.network_gate {
+        v["hooks"] = json!({"prestart": [net::ReadyGate::hook(fifo)]});
+    }
     if let Some(mounts) = v["mounts"].as_array_mut() {
         for m in &spec.mounts {
             mounts.push(json!({"destination": m.destination, "type": "bind",
@@ -357,6 +364,7 @@ mod tests {
             cgroup: Some("/gworker/sb-1".into()),
             user: None,
             network: None,
+            network_gate: None,
         });
         assert_eq!(v["linux"]["cgroupsPath"], "/gworker/sb-1");
         assert_eq!(v["process"]["args"][0], AGENT_PATH);

@@ -799,6 +799,7 @@ fn runsc_sandbox_gets_the_policy() {
     let mut config = gworker_runtime::oci_config(&gworker_runtime::BundleSpec {
         user: None,
         network: None,
+        network_gate: None,
         rootfs: rootfs.clone(),
         agent: rootfs.join("bin/busybox"),
         hostname: "nettest".into(),
@@ -858,13 +859,7 @@ fn runsc_sandbox_gets_the_policy() {
     assert!(args.contains(&"--network=sandbox".to_string()));
     assert!(!args.contains(&"--network=none".to_string()));
     let start = Instant::now();
-    let out = Command::new("timeout")
-        .arg("20")
-        .arg(wrapped.get_program())
-        .args(wrapped.get_args())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = output_within(wrapped, 20);
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!(
         "runsc ran in {:?}, status {}\n{stdout}{}",
@@ -895,6 +890,141 @@ fn runsc_sandbox_gets_the_policy() {
     // Controls: the refused servers were there.
     assert_host_reaches(th.private, srv.port);
     assert_host_reaches(net.host_ip, host_srv.port);
+}
+
+/// Runs `cmd` (stdin null) and collects its output; kills it after `secs`.
+/// (Not through `timeout`: [`net::wrap_runsc`]'s work-around runs between
+/// fork and exec of the command itself.)
+fn output_within(mut cmd: Command, secs: u64) -> std::process::Output {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let pid = child.id();
+    let done = Arc::new(AtomicBool::new(false));
+    let d2 = done.clone();
+    let watchdog = std::thread::spawn(move || {
+        let end = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < end {
+            if d2.load(Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    });
+    let out = child.wait_with_output().unwrap();
+    done.store(true, Ordering::SeqCst);
+    watchdog.join().unwrap();
+    out
+}
+
+/// runsc joins the netns `create_netns` made, boots, and waits in its
+/// prestart hook on the gate; the veth, addresses and rules made meanwhile
+/// (`setup_in_netns`, 150 ms late on purpose) are what the sandbox gets. A
+/// gate opened with `false`, or dropped, makes runsc give up.
+#[test]
+fn runsc_waits_on_the_gate_for_a_network_made_while_it_boots() {
+    if !can_run() {
+        return;
+    }
+    let runsc = gworker_runtime::find_runsc();
+    if !runsc.exists() {
+        eprintln!("skipping: runsc not found ({})", runsc.display());
+        return;
+    }
+    let work = TempDir::new("gate");
+    let rootfs = work.0.join("rootfs");
+    if busybox_rootfs(&rootfs).is_none() {
+        eprintln!("skipping: no static busybox (apt-get install busybox-static)");
+        return;
+    }
+    let state = work.0.join("state");
+    let policy = NetPolicy::Internet {
+        extra_allowed: vec![],
+    };
+    // (gate opened late with ok, gate opened with fail, gate dropped)
+    for (round, outcome) in ["ok", "fail", "dropped"].iter().enumerate() {
+        let id = uniq_id("gt");
+        let _guard = NetGuard::new(&id, &state);
+        let netns = SandboxNet::create_netns(&id, &state).unwrap();
+        let fifo = work.0.join(format!("gate{round}"));
+        let gate = net::ReadyGate::create(&fifo).unwrap();
+        let bundle = work.0.join(format!("bundle{round}"));
+        let resolv = work.0.join("resolv.conf");
+        fs::write(&resolv, SandboxNet::resolv_conf()).unwrap();
+        let mut config = gworker_runtime::oci_config(&gworker_runtime::BundleSpec {
+            user: None,
+            network: Some((netns.clone(), resolv.clone())),
+            network_gate: Some(fifo.clone()),
+            rootfs: rootfs.clone(),
+            agent: rootfs.join("bin/busybox"),
+            hostname: "gatetest".into(),
+            mounts: vec![],
+            cgroup: None,
+        });
+        config["process"]["args"] = serde_json::json!(["/bin/sh", "-c", "ip -o addr; ip route"]);
+        fs::create_dir_all(&bundle).unwrap();
+        fs::write(
+            bundle.join("config.json"),
+            serde_json::to_vec_pretty(&config).unwrap(),
+        )
+        .unwrap();
+        let root = work.0.join("runsc-root");
+        let cid = format!("gwgate-{}-{}", std::process::id(), next());
+        let _container = RunscGuard {
+            runsc: runsc.clone(),
+            root: root.clone(),
+            id: cid.clone(),
+        };
+        let run = gworker_runtime::Runsc::new(&runsc, &root).run_command(&bundle, &cid);
+        let wrapped = net::wrap_runsc(&run);
+        let (id2, state2, policy2) = (id.clone(), state.clone(), policy.clone());
+        let outcome2 = outcome.to_string();
+        let maker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(150));
+            match outcome2.as_str() {
+                "ok" => {
+                    let net = SandboxNet::setup_in_netns(&id2, &policy2, &state2).unwrap();
+                    gate.open_gate(true).unwrap();
+                    Some(net.guest_ip)
+                }
+                "fail" => {
+                    gate.open_gate(false).unwrap();
+                    None
+                }
+                _ => {
+                    drop(gate);
+                    None
+                }
+            }
+        });
+        let out = output_within(wrapped, 30);
+        let guest_ip = maker.join().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        eprintln!(
+            "{outcome}: status {}\n{stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        match guest_ip {
+            Some(ip) => {
+                assert!(out.status.success(), "runsc failed");
+                assert!(
+                    stdout.contains(&format!("inet {ip}/30")),
+                    "the sandbox has its address"
+                );
+                assert!(stdout.contains("default via"), "and its default route");
+            }
+            None => {
+                assert!(
+                    !out.status.success(),
+                    "runsc must give up when the gate says {outcome}"
+                );
+                assert!(!stdout.contains("inet "), "the sandbox never ran");
+            }
+        }
+    }
 }
 
 /// Unmounts (lazily) on drop.
@@ -946,6 +1076,7 @@ fn runsc_wrapper_keeps_later_host_mounts_visible() {
     let mut config = gworker_runtime::oci_config(&gworker_runtime::BundleSpec {
         user: None,
         network: None,
+        network_gate: None,
         rootfs: rootfs.clone(),
         agent: rootfs.join("bin/busybox"),
         hostname: "proptest".into(),

@@ -136,6 +136,8 @@ struct State {
     /// quota among them applies only while the sandbox runs the user's
     /// code: gVisor's own boot, checkpoint and restore are not throttled.
     limits: gworker_runtime::Limits,
+    /// Why the network could not be made (the start then fails).
+    net_error: Option<String>,
 }
 
 impl State {
@@ -218,6 +220,9 @@ struct Shared {
     /// Whether the sandbox has cgroups of its own (not on a host without
     /// writable cgroups when no limits were asked for).
     cgroup_ok: bool,
+    /// A networked sandbox's gate: runsc's prestart hook waits on it (every
+    /// `run` and `restore`) until the network is ready.
+    gate: Option<gworker_runtime::net::ReadyGate>,
 }
 
 impl Shared {
@@ -249,6 +254,9 @@ fn unthrottled(limits: &gworker_runtime::Limits) -> gworker_runtime::Limits {
         ..limits.clone()
     }
 }
+
+/// The network gate's FIFO, in the sandbox's directory.
+const NET_GATE: &str = "net.gate";
 
 /// Entry point of `gworker supervise DIR`. Never returns.
 pub fn main(dir: &Path) -> ! {
@@ -299,26 +307,28 @@ async fn serve(
             eprintln!("supervisor: cannot lower the warm slot's CPU weight: {e}");
         }
     }
-    let network = if cfg.networked() {
+    // Only the empty netns is made now: runsc joins it early but reads it
+    // ~100 ms later, after its prestart hook, which waits on the gate until
+    // `make_network` has made the veth, addresses and rules meanwhile.
+    let (network, gate) = if cfg.networked() {
         let state = cfg
             .net_state_dir
             .clone()
             .ok_or("a networked sandbox needs net_state_dir")?;
-        let (id, policy) = (
-            cfg.sandbox_id.clone(),
-            cfg.network.clone().unwrap_or_default(),
-        );
-        let net = tokio::task::spawn_blocking(move || {
-            gworker_runtime::net::SandboxNet::setup(&id, &policy, &state)
+        let id = cfg.sandbox_id.clone();
+        let netns = tokio::task::spawn_blocking(move || {
+            gworker_runtime::net::SandboxNet::create_netns(&id, &state)
         })
         .await?
         .map_err(|e| format!("cannot set up the sandbox's network: {e}"))?;
         let resolv = dir.join("resolv.conf");
         std::fs::write(&resolv, gworker_runtime::net::SandboxNet::resolv_conf())
             .inspect_err(|_| remove_network(&cfg))?;
-        Some((net.netns_path(), resolv))
+        let gate = gworker_runtime::net::ReadyGate::create(&dir.join(NET_GATE))
+            .inspect_err(|_| remove_network(&cfg))?;
+        (Some((netns, resolv)), Some(gate))
     } else {
-        None
+        (None, None)
     };
     gworker_runtime::write_bundle(
         &bundle,
@@ -329,6 +339,7 @@ async fn serve(
             cgroup: cgroup_ok.then(|| cgroup.path.clone()),
             user: cfg.user,
             network,
+            network_gate: gate.as_ref().map(|_| dir.join(NET_GATE)),
             mounts: cfg
                 .volumes
                 .iter()
@@ -377,6 +388,7 @@ async fn serve(
             entry: if cfg.pooled { None } else { cfg.entry.clone() },
             claimed: !cfg.pooled,
             limits: cfg.limits.clone(),
+            net_error: None,
         }),
         changed: Notify::new(),
         to_agent,
@@ -386,13 +398,18 @@ async fn serve(
         dir: dir.clone(),
         cgroup,
         cgroup_ok,
+        gate,
     });
     tokio::spawn(agent_writer(rx));
     let cmd = match &cfg.restore {
         Some(r) => runsc.restore_command(&bundle, &r.image_path, &cfg.sandbox_id),
         None => runsc.run_command(&bundle, &cfg.sandbox_id),
     };
-    match launch(&shared, cmd, 0, cfg.restore.is_some()) {
+    let launched = launch(&shared, cmd, 0, cfg.restore.is_some());
+    if launched.is_ok() && cfg.networked() {
+        tokio::spawn(make_network(shared.clone()));
+    }
+    match launched {
         Ok(()) if cfg.restore.is_some() => {
             tokio::spawn(finish_restore(shared.clone()));
         }
@@ -901,7 +918,10 @@ async fn runsc_waiter(shared: Arc<Shared>, mut child: tokio::process::Child, gen
         if st.phase != Phase::Exited {
             let tail = log_tail(&shared.dir.join("runsc.log"));
             let msg = match (&status, st.phase) {
-                (_, Phase::Starting) => format!("the sandbox failed to start: {tail}"),
+                (_, Phase::Starting) => match &st.net_error {
+                    Some(e) => format!("cannot set up the sandbox's network: {e}"),
+                    None => format!("the sandbox failed to start: {tail}"),
+                },
                 (Ok(s), _) => format!("the sandbox stopped unexpectedly ({s}): {tail}"),
                 (Err(e), _) => format!("the sandbox stopped unexpectedly: {e}"),
             };
@@ -937,6 +957,34 @@ async fn runsc_waiter(shared: Arc<Shared>, mut child: tokio::process::Child, gen
     let _ = tokio::task::spawn_blocking(move || remove_network(&s2.cfg)).await;
     shared.lock().net_removed = true;
     shared.changed.notify_waiters();
+}
+
+/// Makes the veth, addresses, routes and rules in the netns runsc already
+/// joined, then opens the gate its prestart hook waits on (or makes the hook
+/// fail, and with it the start).
+async fn make_network(shared: Arc<Shared>) {
+    let cfg = shared.cfg.clone();
+    let res = tokio::task::spawn_blocking(move || {
+        let state = cfg.net_state_dir.clone().unwrap_or_default();
+        gworker_runtime::net::SandboxNet::setup_in_netns(
+            &cfg.sandbox_id,
+            &cfg.network.clone().unwrap_or_default(),
+            &state,
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    if let Err(e) = &res {
+        eprintln!("supervisor: cannot set up the sandbox's network: {e}");
+        shared.lock().net_error = Some(e.clone());
+    }
+    if let Some(gate) = &shared.gate {
+        if let Err(e) = gate.open_gate(res.is_ok()) {
+            eprintln!("supervisor: cannot open the network gate: {e}");
+        }
+    }
 }
 
 /// Removes the sandbox's network namespace, veth and rules, if it has them.
@@ -1452,6 +1500,10 @@ async fn checkpoint_inner(
             return Err(failed(format!(
                 "cannot restore the sandbox's network after its snapshot: {res:?}"
             )));
+        }
+        if let Some(Err(e)) = shared.gate.as_ref().map(|g| g.open_gate(true)) {
+            kill_sandbox(shared, "failed");
+            return Err(failed(format!("cannot open the network gate: {e}")));
         }
     }
     let gen = shared.lock().gen;
