@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
 
@@ -190,3 +191,60 @@ def test_glibc_coreutils_work_in_a_registry_image(daemon: Any, sandboxes: Any, r
     assert "ls" in out.split()
     # The shim is what makes it work (coreutils 9 + this gVisor: see statx_fix.c).
     assert sb.exec(["/bin/ls", "/etc/ld.so.preload"]).wait() == 0
+
+
+def test_a_warm_pool_of_a_tagged_registry_image_runs_as_its_user(daemon: Any, registry: Any, tmp_path: Path) -> None:
+    from helpers import Daemon, gworker_bin, short_tempdir
+
+    host, _ = registry
+    Image.from_registry(f"{host}/test/img:v1").build(tag="pooled-reg", quiet=True)
+    # A second daemon sharing the session's images keeps one slot of the tag warm.
+    base = short_tempdir("gwpl-")  # supervisor socket paths must stay short
+    data = base / "data"
+    data.mkdir()
+    (data / "images").symlink_to(daemon.data_dir / "images")
+    d2 = Daemon(gworker_bin(), data, base / "gw.sock", ["--pool", "pooled-reg=1"])
+    d2.start()
+    try:
+        # The slot boots in the background; a create before it is ready starts cold.
+        sid = ""
+        for _ in range(60):
+            sandboxes_dir = data / "sandboxes"
+            slots = [p.name for p in sandboxes_dir.glob("sb-*")] if sandboxes_dir.exists() else []
+            status, sb = d2.request("POST", "/v1/sandboxes", {"image": "pooled-reg", "timeout": 60})
+            assert status == 201, sb
+            if sb["sandbox_id"] in slots:
+                sid = sb["sandbox_id"]
+                break
+            d2.request("DELETE", f"/v1/sandboxes/{sb['sandbox_id']}")
+            time.sleep(0.5)
+        assert sid, "no sandbox came from the pool"
+        status, p = d2.request("POST", f"/v1/sandboxes/{sid}/exec", {"cmd": ["sh", "-c", "id -u; id -g; echo $GREETING; pwd"]})
+        assert status == 201, p
+        status, w = d2.request("GET", f"/v1/sandboxes/{sid}/processes/{p['process_id']}/wait?timeout=30")
+        assert (status, w["exit_code"]) == (200, 0), w
+        _, out = _raw_get(d2, f"/v1/sandboxes/{sid}/processes/{p['process_id']}/stdout")
+        assert out == b"1000\n1000\nhello world\n/app\n", out
+        assert d2.request("DELETE", f"/v1/sandboxes/{sid}")[0] == 204
+    finally:
+        # A start without the pool removes the refilled slot.
+        d2.extra_args = []
+        d2.restart()
+        for _ in range(300):
+            if not list((data / "sandboxes").glob("sb-*")):
+                break
+            time.sleep(0.1)
+        d2.stop()
+        Transport.from_env().call("DELETE", "/v1/images/pooled-reg")
+
+
+def _raw_get(d: Any, path: str) -> Tuple[int, bytes]:
+    from helpers import UnixHTTPConnection
+
+    conn = UnixHTTPConnection(str(d.socket_path), timeout=30)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()

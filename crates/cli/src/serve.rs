@@ -28,7 +28,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 600)]
     retention: u64,
     /// Keep N pre-booted sandboxes of IMAGE ready (e.g. `--pool busybox=4`),
-    /// so creating one takes milliseconds; repeat for several images.
+    /// so creating one takes milliseconds; repeat for several images. IMAGE
+    /// is a built-in, a tag or an image ID, as `create` names it.
     #[arg(long, value_name = "IMAGE=N", value_parser = parse_pool)]
     pool: Vec<(String, usize)>,
     /// Most host memory (MiB) the warm pool may hold (~50 MiB a sandbox).
@@ -72,9 +73,14 @@ fn parse_pool(s: &str) -> Result<(String, usize), String> {
     let (image, n) = s
         .split_once('=')
         .ok_or_else(|| format!("expected IMAGE=N, got {s:?}"))?;
-    if !gworker_images::ImageStore::is_known(image) {
+    // A built-in, an image ID or a tag (which may be made after the daemon
+    // starts: until it exists, its slots fail to boot and are retried).
+    if !gworker_images::ImageStore::is_known(image)
+        && !gworker_images::is_image_id(image)
+        && gworker_images::check_tag(image).is_err()
+    {
         return Err(format!(
-            "unknown image {image:?}; known: {}",
+            "{image:?} is not an image name: give a built-in ({}), a tag or an image ID",
             gworker_images::BUILTIN_IMAGES.join(", ")
         ));
     }

@@ -11,6 +11,11 @@
 //!   shut down and removed, and the pool is filled anew.
 //! - Only sandboxes without volumes, secrets or a snapshot come from the pool;
 //!   the others start cold.
+//! - A pool is configured by the name `create` is given (a built-in, a tag
+//!   or an image ID); a slot belongs to the image that name resolved to when
+//!   it booted, and only a create of that image claims it (a create resolves
+//!   tags to IDs too). A tag that moves leaves its older slots to creates of
+//!   the older image ID.
 //! - The pool never holds more than its memory budget (each idle sandbox costs
 //!   about [`SLOT_COST_MB`] of host memory).
 
@@ -36,7 +41,8 @@ pub struct PoolConfig {
 #[derive(Default)]
 pub(crate) struct Pool {
     pub(crate) cfg: PoolConfig,
-    ready: Mutex<HashMap<String, VecDeque<String>>>,
+    /// Per configured name: (slot's sandbox ID, the image it runs).
+    ready: Mutex<HashMap<String, VecDeque<(String, String)>>>,
     starting: Mutex<HashMap<String, usize>>,
 }
 
@@ -58,9 +64,14 @@ impl Pool {
             + self.starting.lock().unwrap().values().sum::<usize>()
     }
 
-    /// Takes a ready slot's sandbox ID for `image`.
+    /// Takes a ready slot's sandbox ID for `image` (a built-in's name or a
+    /// built image's ID).
     pub(crate) fn take(&self, image: &str) -> Option<String> {
-        self.ready.lock().unwrap().get_mut(image)?.pop_front()
+        let mut ready = self.ready.lock().unwrap();
+        ready.values_mut().find_map(|q| {
+            let at = q.iter().position(|(_, i)| i == image)?;
+            q.remove(at).map(|(id, _)| id)
+        })
     }
 
     pub(crate) fn ready_count(&self, image: &str) -> usize {
@@ -109,34 +120,37 @@ impl Engine {
             let image = image.clone();
             tokio::spawn(async move {
                 let res = engine.boot_slot(&image).await;
+                match res {
+                    Ok(slot) => engine
+                        .pool
+                        .ready
+                        .lock()
+                        .unwrap()
+                        .entry(image.clone())
+                        .or_default()
+                        .push_back(slot),
+                    Err(e) => {
+                        tracing::warn!(image = %image, error = %e, "warm pool: slot failed to boot");
+                        // Do not spin on a broken (or not yet built) image:
+                        // the slot counts as starting until the pause ends.
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                }
                 *engine
                     .pool
                     .starting
                     .lock()
                     .unwrap()
-                    .entry(image.clone())
+                    .entry(image)
                     .or_default() -= 1;
-                match res {
-                    Ok(id) => engine
-                        .pool
-                        .ready
-                        .lock()
-                        .unwrap()
-                        .entry(image)
-                        .or_default()
-                        .push_back(id),
-                    Err(e) => {
-                        tracing::warn!(image = %image, error = %e, "warm pool: slot failed to boot");
-                        // Do not spin on a broken image.
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                    }
-                }
             });
         }
     }
 
     /// Boots one unclaimed sandbox and waits until its agent is up.
-    async fn boot_slot(&self, image: &str) -> Result<String, String> {
+    /// Returns the slot's sandbox ID and the image it runs (the name
+    /// resolved: a built-in's name or a built image's ID).
+    async fn boot_slot(&self, image: &str) -> Result<(String, String), String> {
         let images = self.images.clone();
         let name = image.to_string();
         let info = tokio::task::spawn_blocking(move || images.ensure(&name, &mut |_| {}))
@@ -144,6 +158,7 @@ impl Engine {
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         let id = new_id();
+        let resolved = info.name.clone();
         let launch = LaunchConfig {
             sandbox_id: id.clone(),
             runsc_bin: self.cfg.runsc_bin.clone(),
@@ -158,7 +173,8 @@ impl Engine {
             secrets_fd: None,
             pooled: true,
             limits: self.cfg.default_limits.clone(),
-            user: None,
+            // The image's user, as a cold start would have it.
+            user: info.user_ids,
             network: Some(self.cfg.default_network.clone()),
             net_state_dir: Some(self.net_state_dir()),
         };
@@ -174,7 +190,7 @@ impl Engine {
         let start = std::time::Instant::now();
         loop {
             match sup.status().await {
-                Ok(st) if st.phase == Phase::Running => return Ok(id),
+                Ok(st) if st.phase == Phase::Running => return Ok((id, resolved)),
                 Ok(st) if st.phase == Phase::Exited => break,
                 _ if start.elapsed() > Duration::from_secs(60) => break,
                 _ => tokio::time::sleep(Duration::from_millis(10)).await,

@@ -1071,7 +1071,7 @@ pub fn check_tag(tag: &str) -> Result<(), BuildFailure> {
     }
 }
 
-pub(crate) fn is_image_id(s: &str) -> bool {
+pub fn is_image_id(s: &str) -> bool {
     s.strip_prefix("im-")
         .is_some_and(|h| h.len() == 24 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }

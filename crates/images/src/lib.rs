@@ -27,7 +27,7 @@ mod recipe;
 pub mod registry;
 mod step;
 
-pub use built::{check_tag, validate_spec, BuildFailure, BuildOptions, ImageConfig};
+pub use built::{check_tag, is_image_id, validate_spec, BuildFailure, BuildOptions, ImageConfig};
 
 use std::fs;
 use std::io;
