@@ -450,8 +450,17 @@ impl SandboxNet {
     /// its state file. Idempotent: succeeds if they are already gone.
     pub fn teardown(id: &str, state_dir: &Path) -> Result<(), NetError> {
         check_id(id)?;
-        let _lock = lock(state_dir)?;
-        teardown_locked(id, state_dir)
+        let ids = BTreeSet::from([id.to_string()]);
+        {
+            let _lock = lock(state_dir)?;
+            remove_rules_locked(&ids)?;
+        }
+        // The kernel takes tens of milliseconds to delete a veth and a
+        // netns; other sandboxes' setups need not wait for that. Safe
+        // unlocked: the rules are gone, the slot stays taken until its
+        // interface is, and the state file (which says leftovers may exist)
+        // goes last.
+        remove_objects(&ids, state_dir)
     }
 
     /// `/run/netns/gw-<id>`: the `path` of the OCI network namespace.
@@ -848,6 +857,12 @@ fn teardown_many_locked(ids: &BTreeSet<String>, state_dir: &Path) -> Result<(), 
     if ids.is_empty() {
         return Ok(());
     }
+    remove_rules_locked(ids)?;
+    remove_objects(ids, state_dir)
+}
+
+/// Removes the iptables rules of `ids` (with the lock held).
+fn remove_rules_locked(ids: &BTreeSet<String>) -> Result<(), NetError> {
     let owned = |owner: Option<&str>| owner.is_some_and(|o| ids.contains(o));
     // Rules first: once an interface is gone its slot can be claimed by
     // another process at once, and the slot must not carry our rules then.
@@ -861,7 +876,13 @@ fn teardown_many_locked(ids: &BTreeSet<String>, state_dir: &Path) -> Result<(), 
             }
         }
         batch
-    })?;
+    })
+}
+
+/// Removes the interfaces, netns and state files of `ids` (their rules
+/// already gone).
+fn remove_objects(ids: &BTreeSet<String>, state_dir: &Path) -> Result<(), NetError> {
+    let owned = |owner: Option<&str>| owner.is_some_and(|o| ids.contains(o));
     let links: Vec<String> = scan_links()?
         .into_iter()
         .filter(|l| owned(l.owner.as_deref()))
