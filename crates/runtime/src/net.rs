@@ -453,7 +453,15 @@ impl SandboxNet {
         let ids = BTreeSet::from([id.to_string()]);
         {
             let _lock = lock(state_dir)?;
-            remove_rules_locked(&ids)?;
+            // Fast path: the exact rules its setup made, without reading
+            // the host's whole ruleset first (~8 ms at 100 sandboxes). Any
+            // difference makes the transaction fail as a whole; then the
+            // general path finds whatever is there.
+            let slot = read_states(state_dir).get(id).copied().flatten();
+            let fast = slot.is_some_and(|slot| iptables_restore(&teardown_batch(id, slot)).is_ok());
+            if !fast {
+                remove_rules_locked(&ids)?;
+            }
         }
         // The kernel takes tens of milliseconds to delete a veth and a
         // netns; other sandboxes' setups need not wait for that. Safe
@@ -859,6 +867,14 @@ fn teardown_many_locked(ids: &BTreeSet<String>, state_dir: &Path) -> Result<(), 
     }
     remove_rules_locked(ids)?;
     remove_objects(ids, state_dir)
+}
+
+/// The rules [`setup_batch`] made for `id` on `slot`, removed.
+fn teardown_batch(id: &str, slot: u32) -> String {
+    let chain = format!("{SANDBOX_CHAIN_PREFIX}{slot}");
+    format!(
+        "*filter\n-D {CHAIN_SB} -i {HOST_IF_PREFIX}{slot} -m comment --comment {OWNER_TAG}{id} -j {chain}\n         -F {chain}\n-X {chain}\nCOMMIT\n"
+    )
 }
 
 /// Removes the iptables rules of `ids` (with the lock held).

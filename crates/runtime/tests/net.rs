@@ -678,6 +678,45 @@ fn concurrent_setups_from_threads_and_processes() {
     }
 }
 
+/// Teardown removes the exact rules setup made in one transaction; when they
+/// are not what setup made (here: the jump already removed by hand, and a
+/// stray rule with the id's comment added), it falls back to reading the
+/// ruleset, and either way nothing of the id is left.
+#[test]
+fn teardown_removes_everything_on_the_fast_and_the_general_path() {
+    if !can_run() {
+        return;
+    }
+    let state = TempDir::new("state");
+    let policy = NetPolicy::Internet {
+        extra_allowed: vec![],
+    };
+    for disturb in [false, true] {
+        let id = uniq_id("td");
+        let _guard = NetGuard::new(&id, &state.0);
+        let net = SandboxNet::setup(&id, &policy, &state.0).unwrap();
+        if disturb {
+            let jump = format!(
+                "-i gwh-{} -m comment --comment gw:{id} -j GW-{}",
+                net.slot, net.slot
+            );
+            let mut args = vec!["-D", "GWORKER-SB"];
+            args.extend(jump.split(' '));
+            sh("iptables", &args);
+            let stray = format!("-m comment --comment gw:{id} -j RETURN");
+            let mut args = vec!["-A", "GWORKER-SB"];
+            args.extend(stray.split(' '));
+            sh("iptables", &args);
+        }
+        SandboxNet::teardown(&id, &state.0).unwrap();
+        assert_eq!(
+            leftovers(&id, net.slot),
+            Vec::<String>::new(),
+            "disturbed: {disturb}"
+        );
+    }
+}
+
 #[test]
 fn setup_and_teardown_time() {
     if !can_run() {
