@@ -964,6 +964,7 @@ async fn runsc_waiter(shared: Arc<Shared>, mut child: tokio::process::Child, gen
 /// fail, and with it the start).
 async fn make_network(shared: Arc<Shared>) {
     let cfg = shared.cfg.clone();
+    let t0 = std::time::Instant::now();
     let res = tokio::task::spawn_blocking(move || {
         let state = cfg.net_state_dir.clone().unwrap_or_default();
         gworker_runtime::net::SandboxNet::setup_in_netns(
@@ -976,9 +977,12 @@ async fn make_network(shared: Arc<Shared>) {
     })
     .await
     .unwrap_or_else(|e| Err(e.to_string()));
-    if let Err(e) = &res {
-        eprintln!("supervisor: cannot set up the sandbox's network: {e}");
-        shared.lock().net_error = Some(e.clone());
+    match &res {
+        Ok(()) => eprintln!("supervisor: network ready after {:?}", t0.elapsed()),
+        Err(e) => {
+            eprintln!("supervisor: cannot set up the sandbox's network: {e}");
+            shared.lock().net_error = Some(e.clone());
+        }
     }
     if let Some(gate) = &shared.gate {
         if let Err(e) = gate.open_gate(res.is_ok()) {
