@@ -1034,6 +1034,19 @@ fn del_netns(name: &str) -> Result<(), NetError> {
 // ---------------------------------------------------------------------------
 // State dir: lock and slot records
 
+/// Whether this process's setups and teardowns yield the lock (see
+/// [`set_background`]).
+static BACKGROUND: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Marks this process's network work as background work (a warm-pool slot
+/// booting, a teardown after the user was answered) or not. Background work
+/// takes the state dir's lock only when nobody holds it, retrying every
+/// 3 ms, instead of queueing for it: a create a user waits for gets the lock
+/// first even while many slots refill or many sandboxes end.
+pub fn set_background(on: bool) {
+    BACKGROUND.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 fn lock(state_dir: &Path) -> Result<Flock<fs::File>, NetError> {
     fs::create_dir_all(state_dir).map_err(io_err("cannot create", state_dir))?;
     let path = state_dir.join("lock");
@@ -1044,8 +1057,21 @@ fn lock(state_dir: &Path) -> Result<Flock<fs::File>, NetError> {
         .truncate(false)
         .open(&path)
         .map_err(io_err("cannot open", &path))?;
-    Flock::lock(file, FlockArg::LockExclusive)
-        .map_err(|(_, e)| io_err("cannot lock", &path)(io::Error::from(e)))
+    if !BACKGROUND.load(std::sync::atomic::Ordering::Relaxed) {
+        return Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, e)| io_err("cannot lock", &path)(io::Error::from(e)));
+    }
+    let mut file = file;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => return Ok(l),
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                file = f;
+                std::thread::sleep(std::time::Duration::from_millis(3));
+            }
+            Err((_, e)) => return Err(io_err("cannot lock", &path)(io::Error::from(e))),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]

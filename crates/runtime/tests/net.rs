@@ -1177,3 +1177,47 @@ fn runsc_wrapper_keeps_later_host_mounts_visible() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A background setup (a pool slot's) waits while the lock is held and gets
+/// it once it is free; the network it makes works like any other.
+#[test]
+fn background_setup_takes_the_lock_when_it_is_free() {
+    if !can_run() {
+        return;
+    }
+    let state = TempDir::new("state");
+    fs::create_dir_all(&state.0).unwrap();
+    let held = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(state.0.join("lock"))
+        .unwrap();
+    let held = nix::fcntl::Flock::lock(held, nix::fcntl::FlockArg::LockExclusive).unwrap();
+    let id = uniq_id("bg");
+    let _guard = NetGuard::new(&id, &state.0);
+    let (id2, dir2) = (id.clone(), state.0.clone());
+    let started = Instant::now();
+    let t = std::thread::spawn(move || {
+        net::set_background(true);
+        let r = SandboxNet::setup(
+            &id2,
+            &NetPolicy::Internet {
+                extra_allowed: vec![],
+            },
+            &dir2,
+        );
+        net::set_background(false);
+        (r, started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!t.is_finished(), "the setup waited for the held lock");
+    drop(held);
+    let (r, took) = t.join().unwrap();
+    let net = r.unwrap();
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    assert!(Path::new("/run/netns").join(format!("gw-{id}")).exists());
+    SandboxNet::teardown(&id, &state.0).unwrap();
+    assert_eq!(leftovers(&id, net.slot), Vec::<String>::new());
+}

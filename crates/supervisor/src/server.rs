@@ -292,6 +292,9 @@ async fn serve(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let listener = UnixListener::from_std(std_listener)?;
     let bundle = dir.join("bundle");
+    // An unclaimed slot's network is made in the background: creates users
+    // wait for take the host's network lock first.
+    gworker_runtime::net::set_background(cfg.pooled);
     let cgroup = gworker_runtime::Cgroup::new(&cfg.sandbox_id);
     let cgroup_ok = match cgroup.create(&unthrottled(&cfg.limits)) {
         Ok(()) => true,
@@ -757,6 +760,7 @@ async fn claim(
         if st.phase != Phase::Running || st.stopping {
             return Err(not_running());
         }
+        gworker_runtime::net::set_background(false);
         st.claimed = true;
         st.limits = limits;
         st.deadline = deadline;
@@ -954,6 +958,8 @@ async fn runsc_waiter(shared: Arc<Shared>, mut child: tokio::process::Child, gen
     shared.changed.notify_waiters();
     // After runsc_exited: a terminate does not wait for the ~50 ms this takes.
     let s2 = shared.clone();
+    // Nobody waits for this: other sandboxes' setups go first.
+    gworker_runtime::net::set_background(true);
     let _ = tokio::task::spawn_blocking(move || remove_network(&s2.cfg)).await;
     shared.lock().net_removed = true;
     shared.changed.notify_waiters();
