@@ -1038,11 +1038,12 @@ fn del_netns(name: &str) -> Result<(), NetError> {
 /// [`set_background`]).
 static BACKGROUND: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Marks this process's network work as background work (a warm-pool slot
-/// booting, a teardown after the user was answered) or not. Background work
-/// takes the state dir's lock only when nobody holds it, retrying every
-/// 3 ms, instead of queueing for it: a create a user waits for gets the lock
-/// first even while many slots refill or many sandboxes end.
+/// Marks this process's network work as background work (a teardown after
+/// the user was answered) or not. Background work takes the state dir's
+/// lock only when nobody holds it, retrying every 3 ms, instead of queueing
+/// for it: a create a user waits for gets the lock first even while many
+/// sandboxes end. (Warm-pool slots' setups stay in the queue: yielding there
+/// too left the pool empty more often; measured in bench/RESULTS.md.)
 pub fn set_background(on: bool) {
     BACKGROUND.store(on, std::sync::atomic::Ordering::Relaxed);
 }

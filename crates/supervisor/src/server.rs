@@ -292,9 +292,6 @@ async fn serve(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let listener = UnixListener::from_std(std_listener)?;
     let bundle = dir.join("bundle");
-    // An unclaimed slot's network is made in the background: creates users
-    // wait for take the host's network lock first.
-    gworker_runtime::net::set_background(cfg.pooled);
     let cgroup = gworker_runtime::Cgroup::new(&cfg.sandbox_id);
     let cgroup_ok = match cgroup.create(&unthrottled(&cfg.limits)) {
         Ok(()) => true,
@@ -760,7 +757,6 @@ async fn claim(
         if st.phase != Phase::Running || st.stopping {
             return Err(not_running());
         }
-        gworker_runtime::net::set_background(false);
         st.claimed = true;
         st.limits = limits;
         st.deadline = deadline;
