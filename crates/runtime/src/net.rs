@@ -95,8 +95,8 @@
 //! `gw:<id>`, and the kernel also knows the name of its peer's netns, so the
 //! owner of every interface is known after any crash. `state_dir/<id>.json`
 //! remembers an id's slot, so a sandbox set up again (for a restore, say)
-//! keeps its address. `state_dir/lock` (flock) serialises setup, teardown and
-//! cleanup of all callers sharing the state dir; use one state dir per host.
+//! keeps its address. [`HOST_LOCK`] (flock) serialises setup, teardown and
+//! cleanup of all callers on the host, whatever their state dir.
 //!
 //! Setup enables `net.ipv4.ip_forward` if it is 0, which makes the host route
 //! between *all* its interfaces (subject to the `FORWARD` chain's policy).
@@ -1048,9 +1048,16 @@ pub fn set_background(on: bool) {
     BACKGROUND.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The lock every setup, teardown and cleanup takes, whatever its state
+/// dir: slots (interface names) and iptables are the host's, and a daemon's
+/// sandboxes, its image builds (another state dir) and tests share them. With
+/// a lock per state dir, an id set up again could lose its slot to another
+/// state dir's setup between removing its old veth and making the new one.
+pub const HOST_LOCK: &str = "/run/gworker-net.lock";
+
 fn lock(state_dir: &Path) -> Result<Flock<fs::File>, NetError> {
     fs::create_dir_all(state_dir).map_err(io_err("cannot create", state_dir))?;
-    let path = state_dir.join("lock");
+    let path = Path::new(HOST_LOCK);
     let file = fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -1192,7 +1192,7 @@ fn background_setup_takes_the_lock_when_it_is_free() {
         .write(true)
         .create(true)
         .truncate(false)
-        .open(state.0.join("lock"))
+        .open(net::HOST_LOCK)
         .unwrap();
     let held = nix::fcntl::Flock::lock(held, nix::fcntl::FlockArg::LockExclusive).unwrap();
     let id = uniq_id("bg");
