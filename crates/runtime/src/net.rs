@@ -393,8 +393,7 @@ impl SandboxNet {
         let _lock = lock(state_dir)?;
         let netns = format!("{NETNS_PREFIX}{id}");
         let made = (|| {
-            let slot = read_states(state_dir).get(id).copied().flatten();
-            write_state(state_dir, id, slot)?;
+            write_state(state_dir, id, recorded_slot(state_dir, id))?;
             del_netns(&netns)?;
             add_netns(&netns)
         })();
@@ -464,7 +463,7 @@ impl SandboxNet {
             // the host's whole ruleset first (~8 ms at 100 sandboxes). Any
             // difference makes the transaction fail as a whole; then the
             // general path finds whatever is there.
-            let slot = read_states(state_dir).get(id).copied().flatten();
+            let slot = recorded_slot(state_dir, id);
             let fast = slot.is_some_and(|slot| iptables_restore(&teardown_batch(id, slot)).is_ok());
             if !fast {
                 remove_rules_locked(&ids)?;
@@ -1063,11 +1062,11 @@ fn lock(state_dir: &Path) -> Result<Flock<fs::File>, NetError> {
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&path)
-        .map_err(io_err("cannot open", &path))?;
+        .open(path)
+        .map_err(io_err("cannot open", path))?;
     if !BACKGROUND.load(std::sync::atomic::Ordering::Relaxed) {
         return Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, e)| io_err("cannot lock", &path)(io::Error::from(e)));
+            .map_err(|(_, e)| io_err("cannot lock", path)(io::Error::from(e)));
     }
     let mut file = file;
     loop {
@@ -1077,7 +1076,7 @@ fn lock(state_dir: &Path) -> Result<Flock<fs::File>, NetError> {
                 file = f;
                 std::thread::sleep(std::time::Duration::from_millis(3));
             }
-            Err((_, e)) => return Err(io_err("cannot lock", &path)(io::Error::from(e))),
+            Err((_, e)) => return Err(io_err("cannot lock", path)(io::Error::from(e))),
         }
     }
 }
@@ -1127,19 +1126,29 @@ fn read_states(state_dir: &Path) -> BTreeMap<String, Option<u32>> {
         if !valid_id(id) {
             continue;
         }
-        match fs::read(e.path())
-            .ok()
-            .and_then(|b| serde_json::from_slice::<StateFile>(&b).ok())
-        {
-            Some(s) if s.id == id && s.slot.is_none_or(|n| n < SLOTS) => {
-                out.insert(s.id, s.slot);
+        match read_state_file(&e.path(), id) {
+            Some(slot) => {
+                out.insert(id.to_string(), slot);
             }
-            _ => {
+            None => {
                 tracing::warn!(path = %e.path().display(), "ignoring an unreadable network state file")
             }
         }
     }
     out
+}
+
+/// The slot `state_dir/<id>.json` records for `id` (one file, not the whole
+/// dir: this is on every setup's and teardown's path).
+fn recorded_slot(state_dir: &Path, id: &str) -> Option<u32> {
+    read_state_file(&state_path(state_dir, id), id).flatten()
+}
+
+/// A state file's slot (`Some(None)`: recorded before a slot was claimed);
+/// `None` if it is missing, unreadable or not `id`'s.
+fn read_state_file(path: &Path, id: &str) -> Option<Option<u32>> {
+    let s: StateFile = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
+    (s.id == id && s.slot.is_none_or(|n| n < SLOTS)).then_some(s.slot)
 }
 
 // ---------------------------------------------------------------------------
