@@ -232,19 +232,25 @@ impl Shared {
     fn send(&self, m: HostMsg) {
         let _ = self.to_agent.send(ToAgent::Msg(m));
     }
-    /// Applies the user's limits, CPU quota included.
-    fn throttle(&self, limits: &gworker_runtime::Limits) {
-        if self.cgroup_ok {
-            if let Err(e) = self.cgroup.apply(limits) {
-                eprintln!("supervisor: cannot apply the sandbox's CPU limit: {e}");
-            }
+    /// Applies the user's limits, CPU quota included, once the sandbox is
+    /// the user's (an unclaimed pool slot gets them at claim).
+    fn throttle(&self, st: &State) {
+        if st.claimed {
+            self.apply_limits(&st.limits);
         }
     }
     /// Lifts the CPU quota (memory and process limits stay) while gVisor
     /// works on the user's behalf: a boot or a checkpoint at 0.1 cores would
     /// take ten times as long.
-    fn unthrottle(&self, limits: &gworker_runtime::Limits) {
-        self.throttle(&unthrottled(limits));
+    fn unthrottle(&self, st: &State) {
+        self.apply_limits(&unthrottled(&st.limits));
+    }
+    fn apply_limits(&self, limits: &gworker_runtime::Limits) {
+        if self.cgroup_ok {
+            if let Err(e) = self.cgroup.apply(limits) {
+                eprintln!("supervisor: cannot apply the sandbox's CPU limit: {e}");
+            }
+        }
     }
 }
 
@@ -563,9 +569,7 @@ async fn finish_restore(shared: Arc<Shared>) {
         }
         if ok {
             st.phase = Phase::Running;
-            if st.claimed {
-                shared.throttle(&st.limits);
-            }
+            shared.throttle(&st);
         } else {
             st.exit(
                 None,
@@ -653,9 +657,7 @@ fn on_agent_msg(shared: &Arc<Shared>, m: AgentMsg) {
             }
             if st.phase == Phase::Starting {
                 st.phase = Phase::Running;
-                if st.claimed {
-                    shared.throttle(&st.limits);
-                }
+                shared.throttle(&st);
                 if let Some(entry) = st.entry.clone() {
                     start_entry(shared, &mut st, &entry);
                 }
@@ -967,18 +969,9 @@ async fn runsc_waiter(shared: Arc<Shared>, mut child: tokio::process::Child, gen
 async fn make_network(shared: Arc<Shared>) {
     let cfg = shared.cfg.clone();
     let t0 = std::time::Instant::now();
-    let res = tokio::task::spawn_blocking(move || {
-        let state = cfg.net_state_dir.clone().unwrap_or_default();
-        gworker_runtime::net::SandboxNet::setup_in_netns(
-            &cfg.sandbox_id,
-            &cfg.network.clone().unwrap_or_default(),
-            &state,
-        )
-        .map(|_| ())
-        .map_err(|e| e.to_string())
-    })
-    .await
-    .unwrap_or_else(|e| Err(e.to_string()));
+    let res = tokio::task::spawn_blocking(move || set_up_network(&cfg, true))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
     match &res {
         Ok(()) => eprintln!("supervisor: network ready after {:?}", t0.elapsed()),
         Err(e) => {
@@ -991,6 +984,21 @@ async fn make_network(shared: Arc<Shared>) {
             eprintln!("supervisor: cannot open the network gate: {e}");
         }
     }
+}
+
+/// Makes the sandbox's veth, addresses, routes and rules: in the netns
+/// already made (`in_netns`, runsc has joined it), or all of it afresh on the
+/// sandbox's slot (before a restore in place).
+fn set_up_network(cfg: &LaunchConfig, in_netns: bool) -> Result<(), String> {
+    use gworker_runtime::net::SandboxNet;
+    let state = cfg.net_state_dir.clone().unwrap_or_default();
+    let policy = cfg.network.clone().unwrap_or_default();
+    let made = if in_netns {
+        SandboxNet::setup_in_netns(&cfg.sandbox_id, &policy, &state)
+    } else {
+        SandboxNet::setup(&cfg.sandbox_id, &policy, &state)
+    };
+    made.map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// Removes the sandbox's network namespace, veth and rules, if it has them.
@@ -1400,15 +1408,13 @@ async fn checkpoint(
         }
         st.checkpointing = true;
         st.quiesced = Some(qtx);
-        shared.unthrottle(&st.limits);
+        shared.unthrottle(&st);
     }
     let result = checkpoint_inner(shared, image_path, qrx).await;
     {
         let mut st = shared.lock();
         st.checkpointing = false;
-        if st.claimed {
-            shared.throttle(&st.limits);
-        }
+        shared.throttle(&st);
     }
     shared.changed.notify_waiters();
     result
@@ -1492,19 +1498,13 @@ async fn checkpoint_inner(
     // gets a fresh veth on the same slot (same addresses, same rules).
     if shared.cfg.networked() {
         let cfg = shared.cfg.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            let state = cfg.net_state_dir.clone().unwrap_or_default();
-            gworker_runtime::net::SandboxNet::setup(
-                &cfg.sandbox_id,
-                &cfg.network.clone().unwrap_or_default(),
-                &state,
-            )
-        })
-        .await;
-        if !matches!(res, Ok(Ok(_))) {
+        let res = tokio::task::spawn_blocking(move || set_up_network(&cfg, false))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        if let Err(e) = res {
             kill_sandbox(shared, "failed");
             return Err(failed(format!(
-                "cannot restore the sandbox's network after its snapshot: {res:?}"
+                "cannot restore the sandbox's network after its snapshot: {e}"
             )));
         }
         if let Some(Err(e)) = shared.gate.as_ref().map(|g| g.open_gate(true)) {
