@@ -363,20 +363,10 @@ class Raw:
     def run_first_output(self, rootfs, args=("echo", "hi"), expect=b"hi\n"):
         b = self.bundle(rootfs, args)
         cid = self.cid("run")
-        t = now()
-        p = subprocess.Popen(self.cmd() + ["run", "--bundle", b, cid], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         try:
-            line = p.stdout.readline()
-            dt = (now() - t) * 1000
-            assert line == expect, line
-            p.wait(timeout=60)
+            return first_line_ms(self.cmd() + ["run", "--bundle", b, cid], expect)
         finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
             self.delete(cid)
-        return dt
 
     def run_first_output_net(self, rootfs, args=("echo", "hi"), expect=b"hi\n"):
         """As run_first_output, with gVisor's network stack (`--network=sandbox`)
@@ -405,20 +395,11 @@ class Raw:
                     "mount -t tmpfs -o ro,size=4k none /proc/sys/net && exec \"$@\"", "sh"]
             cmd = wrap + [RUNSC, "--root", self.root, "--network=sandbox", "--overlay2=root:memory",
                           "run", "--bundle", b, cid]
-            t = now()
-            p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
             try:
-                line = p.stdout.readline()
-                dt = (now() - t) * 1000
-                assert line == expect, line
-                p.wait(timeout=60)
+                return first_line_ms(cmd, expect)
             finally:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
                 subprocess.run([RUNSC, "--root", self.root, "--network=sandbox", "delete", "--force", cid],
                                capture_output=True, timeout=60)
-            return dt
         finally:
             subprocess.run(["ip", "link", "del", host_if], capture_output=True)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
@@ -537,6 +518,23 @@ REAPING = []
 
 HELD = []  # sandboxes whose terminate waits until a burst has all answered
 HOLDING = threading.Event()
+
+
+def first_line_ms(cmd, expect):
+    """Starts cmd, returns ms until its first stdout line (which must be
+    `expect`), then lets it finish (killed if it has not within 60 s)."""
+    t = now()
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        line = p.stdout.readline()
+        dt = (now() - t) * 1000
+        assert line == expect, line
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return dt
 
 
 def terminate_later(sb):

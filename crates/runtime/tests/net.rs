@@ -781,6 +781,36 @@ fn busybox_rootfs(dir: &Path) -> Option<()> {
 }
 
 /// Deletes a runsc container and its state dir on drop.
+/// runsc, a work dir and a static busybox rootfs in it, for the tests that
+/// boot real sandboxes; `None` (with a note why) where this machine cannot.
+fn runsc_fixture(tag: &str) -> Option<(PathBuf, TempDir, PathBuf)> {
+    if !can_run() {
+        return None;
+    }
+    let runsc = gworker_runtime::find_runsc();
+    if !runsc.exists() {
+        eprintln!("skipping: runsc not found ({})", runsc.display());
+        return None;
+    }
+    let work = TempDir::new(tag);
+    let rootfs = work.0.join("rootfs");
+    if busybox_rootfs(&rootfs).is_none() {
+        eprintln!("skipping: no static busybox (apt-get install busybox-static)");
+        return None;
+    }
+    Some((runsc, work, rootfs))
+}
+
+/// Writes a bundle's `config.json`.
+fn write_config(bundle: &Path, config: &serde_json::Value) {
+    fs::create_dir_all(bundle).unwrap();
+    fs::write(
+        bundle.join("config.json"),
+        serde_json::to_vec_pretty(config).unwrap(),
+    )
+    .unwrap();
+}
+
 struct RunscGuard {
     runsc: PathBuf,
     root: PathBuf,
@@ -802,20 +832,9 @@ impl Drop for RunscGuard {
 
 #[test]
 fn runsc_sandbox_gets_the_policy() {
-    if !can_run() {
+    let Some((runsc, work, rootfs)) = runsc_fixture("runsc") else {
         return;
-    }
-    let runsc = gworker_runtime::find_runsc();
-    if !runsc.exists() {
-        eprintln!("skipping: runsc not found ({})", runsc.display());
-        return;
-    }
-    let work = TempDir::new("runsc");
-    let rootfs = work.0.join("rootfs");
-    if busybox_rootfs(&rootfs).is_none() {
-        eprintln!("skipping: no static busybox (apt-get install busybox-static)");
-        return;
-    }
+    };
     let th = TestHost::new();
     let srv = th.serve(0);
     let host_srv = Server::start(None, 0);
@@ -874,12 +893,7 @@ fn runsc_sandbox_gets_the_policy() {
         },
     );
     config["process"]["args"] = serde_json::json!(["/bin/sh", "-c", script]);
-    fs::create_dir_all(&bundle).unwrap();
-    fs::write(
-        bundle.join("config.json"),
-        serde_json::to_vec_pretty(&config).unwrap(),
-    )
-    .unwrap();
+    write_config(&bundle, &config);
 
     // The project's own runsc command line, wrapped.
     let root = work.0.join("runsc-root");
@@ -964,20 +978,9 @@ fn output_within(mut cmd: Command, secs: u64) -> std::process::Output {
 /// gate opened with `false`, or dropped, makes runsc give up.
 #[test]
 fn runsc_waits_on_the_gate_for_a_network_made_while_it_boots() {
-    if !can_run() {
+    let Some((runsc, work, rootfs)) = runsc_fixture("gate") else {
         return;
-    }
-    let runsc = gworker_runtime::find_runsc();
-    if !runsc.exists() {
-        eprintln!("skipping: runsc not found ({})", runsc.display());
-        return;
-    }
-    let work = TempDir::new("gate");
-    let rootfs = work.0.join("rootfs");
-    if busybox_rootfs(&rootfs).is_none() {
-        eprintln!("skipping: no static busybox (apt-get install busybox-static)");
-        return;
-    }
+    };
     let state = work.0.join("state");
     let policy = NetPolicy::Internet {
         extra_allowed: vec![],
@@ -1003,12 +1006,7 @@ fn runsc_waits_on_the_gate_for_a_network_made_while_it_boots() {
             cgroup: None,
         });
         config["process"]["args"] = serde_json::json!(["/bin/sh", "-c", "ip -o addr; ip route"]);
-        fs::create_dir_all(&bundle).unwrap();
-        fs::write(
-            bundle.join("config.json"),
-            serde_json::to_vec_pretty(&config).unwrap(),
-        )
-        .unwrap();
+        write_config(&bundle, &config);
         let root = work.0.join("runsc-root");
         let cid = format!("gwgate-{}-{}", std::process::id(), next());
         let _container = RunscGuard {
@@ -1087,20 +1085,9 @@ impl Drop for MountGuard {
 /// sandboxes relies on).
 #[test]
 fn runsc_wrapper_keeps_later_host_mounts_visible() {
-    if !can_run() {
+    let Some((runsc, work, rootfs)) = runsc_fixture("prop") else {
         return;
-    }
-    let runsc = gworker_runtime::find_runsc();
-    if !runsc.exists() {
-        eprintln!("skipping: runsc not found ({})", runsc.display());
-        return;
-    }
-    let work = TempDir::new("prop");
-    let rootfs = work.0.join("rootfs");
-    if busybox_rootfs(&rootfs).is_none() {
-        eprintln!("skipping: no static busybox (apt-get install busybox-static)");
-        return;
-    }
+    };
     let (shared, later) = (work.0.join("shared"), work.0.join("later"));
     fs::create_dir_all(&shared).unwrap();
     fs::create_dir_all(&later).unwrap();
@@ -1135,12 +1122,7 @@ fn runsc_wrapper_keeps_later_host_mounts_visible() {
         "for i in $(seq 1 40); do if cat /mnt/vol/sub/file 2>/dev/null; then exit 0; fi; sleep 0.1; done; exit 7"
     ]);
     let bundle = work.0.join("bundle");
-    fs::create_dir_all(&bundle).unwrap();
-    fs::write(
-        bundle.join("config.json"),
-        serde_json::to_vec_pretty(&config).unwrap(),
-    )
-    .unwrap();
+    write_config(&bundle, &config);
     let root = work.0.join("runsc-root");
     let cid = format!("gwprop-{}-{}", std::process::id(), next());
     let _container = RunscGuard {
