@@ -411,6 +411,45 @@ def test_sigkill_of_sandbox_process(daemon, target):
 
 
 # --------------------------------------------------------------------------
+# A stuck holder of the host network lock
+# --------------------------------------------------------------------------
+
+
+def test_stuck_network_lock_fails_the_sandbox_instead_of_hanging(daemon, tmp_path):
+    """Setups and teardowns serialise on /run/gworker-net.lock. Whoever holds
+    it too long (here: a plain `flock`) makes a networked sandbox fail with a
+    message naming the holder, and an exec waiting for that sandbox answers,
+    instead of both waiting forever. Nothing of the sandbox is left."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "images").symlink_to(daemon.data_dir / "images")
+    d2 = Daemon(gworker_bin(), tmp_path / "data", short_tempdir("gwlk-") / "gw.sock",
+                env={"GWORKER_NET_LOCK_WAIT_SECS": "2"})
+    d2.start()
+    holder = subprocess.Popen(["flock", "/run/gworker-net.lock", "sleep", "8"])
+    sid = None
+    try:
+        time.sleep(0.3)
+        status, body = d2.request("POST", "/v1/sandboxes", {"image": "busybox", "cmd": [], "timeout": 60})
+        assert status == 201, body
+        sid = body["sandbox_id"]
+        t0 = time.monotonic()
+        status, body = d2.request("POST", f"/v1/sandboxes/{sid}/exec", {"cmd": ["echo", "hi"]}, timeout=30)
+        waited = time.monotonic() - t0
+        assert status == 409 and body["error"]["code"] == "sandbox_not_running", (status, body)
+        assert waited < 7, f"the exec waited {waited:.1f} s for a lock wait of 2 s"
+        info = d2.request("GET", f"/v1/sandboxes/{sid}")[1]
+        assert info["state"] == "exited" and info["reason"] == "failed", info
+        assert "host network lock" in info["message"] and f"pid {holder.pid}" in info["message"], info
+        assert d2.request("DELETE", f"/v1/sandboxes/{sid}")[0] == 204
+        left = wait_no_leftovers(d2, [sid])
+        assert not left, f"a sandbox failed on the lock left: {left}"
+    finally:
+        holder.kill()
+        holder.wait()
+        d2.stop()
+
+
+# --------------------------------------------------------------------------
 # Disk full
 # --------------------------------------------------------------------------
 

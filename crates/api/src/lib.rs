@@ -396,6 +396,24 @@ impl ErrorCode {
     }
 }
 
+/// The daemon's default unix socket: `$GWORKER_SOCKET`, else
+/// `/run/gworker/gworker.sock` for root, else `$XDG_RUNTIME_DIR/gworker.sock`,
+/// else `/tmp/gworker-$UID/gworker.sock`. Clients and daemon agree through this.
+pub fn default_socket_path() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("GWORKER_SOCKET") {
+        return p.into();
+    }
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        return "/run/gworker/gworker.sock".into();
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return std::path::PathBuf::from(d).join("gworker.sock");
+    }
+    format!("/tmp/gworker-{uid}/gworker.sock").into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,22 +451,4 @@ mod tests {
         let e = serde_json::from_str::<CreateSandbox>(r#"{"cmd":["x"],"bogus":1}"#).unwrap_err();
         assert!(e.to_string().contains("bogus"));
     }
-}
-
-/// The daemon's default unix socket: `$GWORKER_SOCKET`, else
-/// `/run/gworker/gworker.sock` for root, else `$XDG_RUNTIME_DIR/gworker.sock`,
-/// else `/tmp/gworker-$UID/gworker.sock`. Clients and daemon agree through this.
-pub fn default_socket_path() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("GWORKER_SOCKET") {
-        return p.into();
-    }
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    if uid == 0 {
-        return "/run/gworker/gworker.sock".into();
-    }
-    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return std::path::PathBuf::from(d).join("gworker.sock");
-    }
-    format!("/tmp/gworker-{uid}/gworker.sock").into()
 }

@@ -312,6 +312,13 @@ pub(crate) fn send(wr: OwnedFd, env: &[(String, String)]) -> std::io::Result<()>
     res
 }
 
+impl crate::Engine {
+    /// The stored secrets.
+    pub fn secrets(&self) -> &SecretStore {
+        &self.secrets
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,12 +391,5 @@ mod tests {
         s.delete("db").unwrap();
         assert_eq!(s.delete("db").unwrap_err().code(), ErrorCode::NotFound);
         let _ = std::fs::remove_dir_all(&dir);
-    }
-}
-
-impl crate::Engine {
-    /// The stored secrets.
-    pub fn secrets(&self) -> &SecretStore {
-        &self.secrets
     }
 }

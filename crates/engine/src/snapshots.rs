@@ -126,11 +126,14 @@ pub fn hash_dir(dir: &Path) -> std::io::Result<(String, u64)> {
 /// daemon, a modified one again.
 #[derive(Default)]
 pub struct Verified {
-    seen: Mutex<HashMap<PathBuf, Vec<(PathBuf, u64, SystemTime)>>>,
+    seen: Mutex<HashMap<PathBuf, Vec<FileStamp>>>,
 }
 
+/// A file's path, size and modification time.
+type FileStamp = (PathBuf, u64, SystemTime);
+
 impl Verified {
-    fn stamp(dir: &Path) -> std::io::Result<Vec<(PathBuf, u64, SystemTime)>> {
+    fn stamp(dir: &Path) -> std::io::Result<Vec<FileStamp>> {
         files(dir)?
             .into_iter()
             .map(|n| {

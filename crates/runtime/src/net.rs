@@ -222,6 +222,8 @@ pub enum NetError {
     },
     #[error("no free address in the sandbox pool {POOL}")]
     PoolExhausted,
+    #[error("the host network lock {HOST_LOCK} was not free for {secs} s (held by {holder}); a stuck `ip` or `iptables` command, or a stopped gworker process, holds it")]
+    LockTimeout { secs: u64, holder: String },
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> NetError + 'a {
@@ -1064,21 +1066,92 @@ fn lock(state_dir: &Path) -> Result<Flock<fs::File>, NetError> {
         .truncate(false)
         .open(path)
         .map_err(io_err("cannot open", path))?;
+    let wait = lock_wait();
+    let deadline = std::time::Instant::now() + wait;
+    let timed_out = |file: &fs::File| NetError::LockTimeout {
+        secs: wait.as_secs(),
+        holder: lock_holder(file),
+    };
     if !BACKGROUND.load(std::sync::atomic::Ordering::Relaxed) {
-        return Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, e)| io_err("cannot lock", path)(io::Error::from(e)));
+        // A blocking flock keeps the kernel's FIFO order among waiters; it
+        // runs on a helper thread so that the wait is bounded. Should the
+        // helper get the lock after the deadline, nobody receives it and
+        // dropping it releases the lock at once.
+        let probe = file.try_clone().map_err(io_err("cannot open", path))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("net-lock".into())
+            .spawn(move || {
+                let _ = tx.send(
+                    Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| {
+                        io_err("cannot lock", Path::new(HOST_LOCK))(io::Error::from(e))
+                    }),
+                );
+            })
+            .map_err(io_err("cannot start a thread to lock", path))?;
+        return match rx.recv_timeout(wait) {
+            Ok(res) => res,
+            Err(_) => Err(timed_out(&probe)),
+        };
     }
     let mut file = file;
     loop {
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(l) => return Ok(l),
             Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                if std::time::Instant::now() > deadline {
+                    return Err(timed_out(&f));
+                }
                 file = f;
                 std::thread::sleep(std::time::Duration::from_millis(3));
             }
             Err((_, e)) => return Err(io_err("cannot lock", path)(io::Error::from(e))),
         }
     }
+}
+
+/// How long a setup or teardown waits for [`HOST_LOCK`]: each holds it for
+/// milliseconds, so a wait this long means a holder is stuck, and the
+/// sandbox fails with a message naming it instead of hanging.
+/// `GWORKER_NET_LOCK_WAIT_SECS` overrides it (tests use a short one).
+fn lock_wait() -> std::time::Duration {
+    let secs = std::env::var("GWORKER_NET_LOCK_WAIT_SECS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(20);
+    std::time::Duration::from_secs(secs.max(1))
+}
+
+/// Who holds the flock on `file`, from /proc/locks: "pid N (its command
+/// line)", or "an unknown process".
+fn lock_holder(file: &fs::File) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = file.metadata() else {
+        return "an unknown process".into();
+    };
+    let key = format!(
+        "{:02x}:{:02x}:{}",
+        nix::sys::stat::major(meta.dev()),
+        nix::sys::stat::minor(meta.dev()),
+        meta.ino()
+    );
+    let locks = fs::read_to_string("/proc/locks").unwrap_or_default();
+    for line in locks.lines() {
+        // "1: FLOCK  ADVISORY  WRITE 1234 00:19:567 0 EOF"; waiters have "->".
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() >= 6 && f[1] == "FLOCK" && f[5] == key {
+            let cmd = fs::read(format!("/proc/{}/cmdline", f[4]))
+                .map(|b| {
+                    String::from_utf8_lossy(&b)
+                        .replace('\0', " ")
+                        .trim()
+                        .to_string()
+                })
+                .unwrap_or_default();
+            return format!("pid {} ({cmd})", f[4]);
+        }
+    }
+    "an unknown process".into()
 }
 
 #[derive(Serialize, Deserialize)]

@@ -298,6 +298,9 @@ async fn serve(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let listener = UnixListener::from_std(std_listener)?;
     let bundle = dir.join("bundle");
+    // A setup that fails fails the sandbox (with the reason as its message),
+    // not this process: the daemon learns why from the status.
+    let mut prepared: Result<(), String> = Ok(());
     let cgroup = gworker_runtime::Cgroup::new(&cfg.sandbox_id);
     let cgroup_ok = match cgroup.create(&unthrottled(&cfg.limits)) {
         Ok(()) => true,
@@ -306,57 +309,26 @@ async fn serve(
             eprintln!("supervisor: no cgroups ({e}); running without resource limits");
             false
         }
-        Err(e) => return Err(format!("cannot set up the sandbox's cgroups: {e}").into()),
+        Err(e) => {
+            prepared = Err(format!("cannot set up the sandbox's cgroups: {e}"));
+            false
+        }
     };
     if cgroup_ok && cfg.pooled {
         if let Err(e) = cgroup.set_cpu_shares(gworker_runtime::cgroup::POOL_CPU_SHARES) {
             eprintln!("supervisor: cannot lower the warm slot's CPU weight: {e}");
         }
     }
-    // Only the empty netns is made now: runsc joins it early but reads it
-    // ~100 ms later, after its prestart hook, which waits on the gate until
-    // `make_network` has made the veth, addresses and rules meanwhile.
-    let (network, gate) = if cfg.networked() {
-        let state = cfg
-            .net_state_dir
-            .clone()
-            .ok_or("a networked sandbox needs net_state_dir")?;
-        let id = cfg.sandbox_id.clone();
-        let netns = tokio::task::spawn_blocking(move || {
-            gworker_runtime::net::SandboxNet::create_netns(&id, &state)
-        })
-        .await?
-        .map_err(|e| format!("cannot set up the sandbox's network: {e}"))?;
-        let resolv = dir.join("resolv.conf");
-        std::fs::write(&resolv, gworker_runtime::net::SandboxNet::resolv_conf())
-            .inspect_err(|_| remove_network(&cfg))?;
-        let gate = gworker_runtime::net::ReadyGate::create(&dir.join(NET_GATE))
-            .inspect_err(|_| remove_network(&cfg))?;
-        (Some((netns, resolv)), Some(gate))
-    } else {
-        (None, None)
-    };
-    gworker_runtime::write_bundle(
-        &bundle,
-        &gworker_runtime::BundleSpec {
-            rootfs: cfg.rootfs.clone(),
-            agent: cfg.agent.clone(),
-            hostname: "sandbox".into(),
-            cgroup: cgroup_ok.then(|| cgroup.path.clone()),
-            user: cfg.user,
-            network,
-            network_gate: gate.as_ref().map(|_| dir.join(NET_GATE)),
-            mounts: cfg
-                .volumes
-                .iter()
-                .map(|v| gworker_runtime::BindMount {
-                    source: v.source.clone(),
-                    destination: v.destination.clone(),
-                })
-                .collect(),
+    let gate = match prepared {
+        Ok(()) => match prepare(&dir, &cfg, cgroup_ok.then_some(cgroup.path.as_str())).await {
+            Ok(gate) => gate,
+            Err(e) => {
+                prepared = Err(e);
+                None
+            }
         },
-    )
-    .inspect_err(|_| remove_network(&cfg))?;
+        Err(_) => None,
+    };
     let runsc = gworker_runtime::Runsc::new(&cfg.runsc_bin, &cfg.runsc_root);
     let (to_agent, rx) = mpsc::unbounded_channel();
     let mut procs = BTreeMap::new();
@@ -411,7 +383,10 @@ async fn serve(
         Some(r) => runsc.restore_command(&bundle, &r.image_path, &cfg.sandbox_id),
         None => runsc.run_command(&bundle, &cfg.sandbox_id),
     };
-    let launched = launch(&shared, cmd, 0, cfg.restore.is_some());
+    let launched = prepared.and_then(|()| {
+        launch(&shared, cmd, 0, cfg.restore.is_some())
+            .map_err(|e| format!("cannot start runsc: {e}"))
+    });
     if launched.is_ok() && cfg.networked() {
         tokio::spawn(make_network(shared.clone()));
     }
@@ -419,15 +394,30 @@ async fn serve(
         Ok(()) if cfg.restore.is_some() => {
             tokio::spawn(finish_restore(shared.clone()));
         }
-        Ok(()) => {}
+        Ok(()) => {
+            tokio::spawn(boot_watchdog(shared.clone()));
+        }
         Err(e) => {
-            remove_network(&shared.cfg);
-            let mut st = shared.lock();
-            st.net_removed = true;
-            st.exit(None, "failed", Some(format!("cannot start runsc: {e}")));
-            st.container_gone();
-            st.stopping = true;
-            st.runsc_exited = true;
+            {
+                let mut st = shared.lock();
+                st.exit(None, "failed", Some(e));
+                st.container_gone();
+                st.stopping = true;
+                st.runsc_exited = true;
+            }
+            // The failure is reported at once; what was made goes meanwhile
+            // (a network teardown may wait for the host lock).
+            let s2 = shared.clone();
+            tokio::spawn(async move {
+                let s3 = s2.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    remove_network(&s3.cfg);
+                    s3.cgroup.remove();
+                })
+                .await;
+                s2.lock().net_removed = true;
+                s2.changed.notify_waiters();
+            });
         }
     }
     tokio::spawn(deadline_timer(shared.clone()));
@@ -460,6 +450,65 @@ async fn serve(
         let _ = tokio::task::spawn_blocking(move || remove_network(&cfg)).await;
     }
     Ok(())
+}
+
+/// Makes what runsc needs before it starts: the sandbox's (empty) netns and
+/// its network gate, and the OCI bundle. On error nothing of it is left.
+async fn prepare(
+    dir: &Path,
+    cfg: &LaunchConfig,
+    cgroup: Option<&str>,
+) -> Result<Option<gworker_runtime::net::ReadyGate>, String> {
+    let bundle = dir.join("bundle");
+    // Only the empty netns is made now: runsc joins it early but reads it
+    // ~100 ms later, after its prestart hook, which waits on the gate until
+    // `make_network` has made the veth, addresses and rules meanwhile.
+    let (network, gate) = if cfg.networked() {
+        let state = cfg
+            .net_state_dir
+            .clone()
+            .ok_or("a networked sandbox needs net_state_dir")?;
+        let id = cfg.sandbox_id.clone();
+        let netns = tokio::task::spawn_blocking(move || {
+            gworker_runtime::net::SandboxNet::create_netns(&id, &state)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot set up the sandbox's network: {e}"))?;
+        let resolv = dir.join("resolv.conf");
+        std::fs::write(&resolv, gworker_runtime::net::SandboxNet::resolv_conf())
+            .map_err(|e| format!("cannot write {}: {e}", resolv.display()))
+            .inspect_err(|_| remove_network(cfg))?;
+        let gate = gworker_runtime::net::ReadyGate::create(&dir.join(NET_GATE))
+            .map_err(|e| format!("cannot make the network gate: {e}"))
+            .inspect_err(|_| remove_network(cfg))?;
+        (Some((netns, resolv)), Some(gate))
+    } else {
+        (None, None)
+    };
+    gworker_runtime::write_bundle(
+        &bundle,
+        &gworker_runtime::BundleSpec {
+            rootfs: cfg.rootfs.clone(),
+            agent: cfg.agent.clone(),
+            hostname: "sandbox".into(),
+            cgroup: cgroup.map(str::to_string),
+            user: cfg.user,
+            network,
+            network_gate: gate.as_ref().map(|_| dir.join(NET_GATE)),
+            mounts: cfg
+                .volumes
+                .iter()
+                .map(|v| gworker_runtime::BindMount {
+                    source: v.source.clone(),
+                    destination: v.destination.clone(),
+                })
+                .collect(),
+        },
+    )
+    .map_err(|e| format!("cannot write the sandbox's bundle: {e}"))
+    .inspect_err(|_| remove_network(cfg))?;
+    Ok(gate)
 }
 
 async fn agent_writer(mut rx: mpsc::UnboundedReceiver<ToAgent>) {
@@ -586,9 +635,9 @@ async fn finish_restore(shared: Arc<Shared>) {
 
 fn restored_proc(p: &CheckpointProc) -> Proc {
     let mut out = [OutBuf::new(), OutBuf::new()];
-    for i in 0..2 {
-        out[i].outstanding = p.outstanding[i];
-        out[i].eof = p.eof[i];
+    for (i, o) in out.iter_mut().enumerate() {
+        o.outstanding = p.outstanding[i];
+        o.eof = p.eof[i];
     }
     Proc {
         argv: p.argv.clone(),
@@ -1030,6 +1079,34 @@ async fn deadline_timer(shared: Arc<Shared>) {
         let _ = tokio::time::timeout(Duration::from_secs_f64(left.min(3600.0)), notified).await;
     }
     kill_sandbox(&shared, "timeout");
+}
+
+/// How long a cold boot may take until the agent's hello: normally ~0.3 s,
+/// a few seconds on a loaded host.
+const BOOT_LIMIT: Duration = Duration::from_secs(60);
+
+/// Fails a sandbox whose boot hangs, so that nothing waits on it forever.
+async fn boot_watchdog(shared: Arc<Shared>) {
+    if wait_for(&shared, BOOT_LIMIT, |st| st.phase != Phase::Starting).await {
+        return;
+    }
+    {
+        let mut st = shared.lock();
+        if st.phase != Phase::Starting {
+            return;
+        }
+        let msg = match &st.net_error {
+            Some(e) => format!("cannot set up the sandbox's network: {e}"),
+            None => format!(
+                "the sandbox did not start within {} s: {}",
+                BOOT_LIMIT.as_secs(),
+                log_tail(&shared.dir.join("runsc.log"))
+            ),
+        };
+        st.exit(None, "failed", Some(msg));
+    }
+    shared.changed.notify_waiters();
+    stop_container(shared);
 }
 
 fn kill_sandbox(shared: &Arc<Shared>, reason: &str) {
