@@ -854,3 +854,33 @@ fn warm_pool_claims_fresh_sandboxes_and_refills() {
     );
     assert_eq!(out.body, b"still\n");
 }
+
+#[test]
+fn a_create_on_a_drained_pool_waits_for_a_booting_slot() {
+    let Some(d) = Daemon::start_with("pool-drained", &["--pool", "busybox=1"]) else {
+        return;
+    };
+    wait_for("the pool slot", || sandbox_dirs(&d).len() == 1);
+    std::thread::sleep(Duration::from_millis(500)); // let the slot finish booting
+    let pooled = |id: &str| {
+        let launch =
+            std::fs::read(d.dir.join("data/sandboxes").join(id).join("launch.json")).unwrap();
+        serde_json::from_slice::<serde_json::Value>(&launch).unwrap()["pooled"] == true
+    };
+    // Two creates back to back: the first takes the only slot; the second
+    // finds the pool empty in the middle of a burst and, instead of booting
+    // cold beside the refill, waits for the slot the refill boots for it.
+    let body = r#"{"image":"busybox","timeout":60,"cmd":["echo","ok"]}"#;
+    let a = d.json("POST", "/v1/sandboxes", body);
+    let b = d.json("POST", "/v1/sandboxes", body);
+    for s in [&a, &b] {
+        let id = s["sandbox_id"].as_str().unwrap();
+        assert!(pooled(id), "{id} came from the pool");
+        assert_eq!(
+            d.json("GET", &format!("/v1/sandboxes/{id}/wait?timeout=30"), "")["exit_code"],
+            0
+        );
+        let out = d.req("GET", &format!("/v1/sandboxes/{id}/processes/0/stdout"), "");
+        assert_eq!(out.body, b"ok\n");
+    }
+}

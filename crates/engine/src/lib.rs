@@ -577,7 +577,7 @@ impl Engine {
             && secret_env.is_empty()
             && network == self.cfg.default_network
         {
-            self.pool.take(&image)
+            self.pool.take_or_wait(&image, pool::MISS_WAIT).await
         } else {
             None
         };

@@ -46,14 +46,74 @@ pub(crate) struct Pool {
     starting: Mutex<HashMap<String, usize>>,
     /// When a slot was last claimed (see [`REFILL_QUIET`]).
     last_claim: Mutex<Option<std::time::Instant>>,
+    /// Slots booting per resolved image (a built-in's name or an image ID).
+    booting: Mutex<HashMap<String, usize>>,
+    /// Notified whenever a slot becomes ready.
+    became_ready: tokio::sync::Notify,
+    /// Creates waiting for a slot (see [`Pool::take_or_wait`]).
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
-/// Refills wait until claims have paused this long, as long as more than half
-/// of an image's slots are left: a burst of creates gets the CPU instead of
-/// sharing it with the boots that replace the slots it took (a boot costs
-/// ~60 ms of CPU, as much as a create's whole request), and a steady stream
-/// of creates still finds the pool refilling.
-pub const REFILL_QUIET: Duration = Duration::from_millis(300);
+/// How long a create whose image has no ready slot waits for one that is
+/// booting before it starts cold: a slot already booting is ahead of a cold
+/// boot started now, which would also compete with it for the CPU.
+pub const MISS_WAIT: Duration = Duration::from_secs(3);
+
+/// Counts a slot as booting for its image while alive.
+struct Booting<'a> {
+    pool: &'a Pool,
+    image: String,
+}
+
+impl<'a> Booting<'a> {
+    fn new(pool: &'a Pool, image: &str) -> Self {
+        *pool
+            .booting
+            .lock()
+            .unwrap()
+            .entry(image.to_string())
+            .or_default() += 1;
+        Booting {
+            pool,
+            image: image.to_string(),
+        }
+    }
+}
+
+impl Drop for Booting<'_> {
+    fn drop(&mut self) {
+        let mut b = self.pool.booting.lock().unwrap();
+        if let Some(n) = b.get_mut(&self.image) {
+            *n = n.saturating_sub(1);
+        }
+        drop(b);
+        // A create waiting for this image stops waiting if none is left.
+        self.pool.became_ready.notify_waiters();
+    }
+}
+
+/// A burst of creates is on while the last claim is this recent. During a
+/// burst, refills wait (see [`refill_now`]): a boot costs ~60-100 ms of CPU,
+/// more than a claimed sandbox's whole create and first command, and on a
+/// small host every boot started in a burst makes the burst's creates slower.
+/// A steady stream slower than one create per this period still finds the
+/// pool refilling between its creates.
+pub const REFILL_QUIET: Duration = Duration::from_millis(100);
+
+/// During a burst, at most this many slots of an image boot at once, and
+/// only for creates waiting on an empty pool.
+pub const BURST_BOOTS: usize = 2;
+
+/// Whether to start booting another slot of an image now.
+fn refill_now(want: usize, ready: usize, starting: usize, in_burst: bool, waiting: usize) -> bool {
+    if ready + starting >= want {
+        return false;
+    }
+    if !in_burst {
+        return true;
+    }
+    ready == 0 && waiting > 0 && starting < BURST_BOOTS
+}
 
 impl Pool {
     pub(crate) fn new(cfg: PoolConfig) -> Pool {
@@ -87,6 +147,49 @@ impl Pool {
         slot
     }
 
+    /// Like [`Pool::take`], but when none is ready and the image has a pool
+    /// (or slots of it are booting), waits up to `limit` for one.
+    pub(crate) async fn take_or_wait(&self, image: &str, limit: Duration) -> Option<String> {
+        if let Some(slot) = self.take(image) {
+            return Some(slot);
+        }
+        let pooled = self.cfg.sizes.get(image).is_some_and(|n| *n > 0);
+        let booting = || {
+            self.booting
+                .lock()
+                .unwrap()
+                .get(image)
+                .copied()
+                .unwrap_or(0)
+        };
+        if !pooled && booting() == 0 {
+            return None;
+        }
+        use std::sync::atomic::Ordering::Relaxed;
+        self.waiting.fetch_add(1, Relaxed);
+        let deadline = tokio::time::Instant::now() + limit;
+        let slot = loop {
+            let notified = self.became_ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(slot) = self.take(image) {
+                break Some(slot);
+            }
+            if !pooled && booting() == 0 {
+                break None;
+            }
+            // Woken by a slot that became ready (or gave up), or every 50 ms
+            // to look again (a boot that fill_pool starts for this wait).
+            let tick = (tokio::time::Instant::now() + Duration::from_millis(50)).min(deadline);
+            let _ = tokio::time::timeout_at(tick, notified).await;
+            if tokio::time::Instant::now() >= deadline {
+                break self.take(image);
+            }
+        };
+        self.waiting.fetch_sub(1, Relaxed);
+        slot
+    }
+
     fn in_burst(&self) -> bool {
         self.last_claim
             .lock()
@@ -117,19 +220,24 @@ impl Engine {
     async fn fill_pool(self: &Arc<Self>) {
         let budget_slots = (self.pool.cfg.memory_budget_mb / SLOT_COST_MB) as usize;
         for (image, want) in &self.pool.cfg.sizes {
-            let have = self.pool.ready_count(image)
-                + self
-                    .pool
-                    .starting
-                    .lock()
-                    .unwrap()
-                    .get(image)
-                    .copied()
-                    .unwrap_or(0);
-            if have >= *want || self.pool.total() >= budget_slots {
-                continue;
-            }
-            if self.pool.in_burst() && self.pool.ready_count(image) * 2 > *want {
+            let ready = self.pool.ready_count(image);
+            let starting = self
+                .pool
+                .starting
+                .lock()
+                .unwrap()
+                .get(image)
+                .copied()
+                .unwrap_or(0);
+            if self.pool.total() >= budget_slots
+                || !refill_now(
+                    *want,
+                    ready,
+                    starting,
+                    self.pool.in_burst(),
+                    self.pool.waiting.load(std::sync::atomic::Ordering::Relaxed),
+                )
+            {
                 continue;
             }
             *self
@@ -144,14 +252,7 @@ impl Engine {
             tokio::spawn(async move {
                 let res = engine.boot_slot(&image).await;
                 match res {
-                    Ok(slot) => engine
-                        .pool
-                        .ready
-                        .lock()
-                        .unwrap()
-                        .entry(image.clone())
-                        .or_default()
-                        .push_back(slot),
+                    Ok(()) => {}
                     Err(e) => {
                         tracing::warn!(image = %image, error = %e, "warm pool: slot failed to boot");
                         // Do not spin on a broken (or not yet built) image:
@@ -170,10 +271,10 @@ impl Engine {
         }
     }
 
-    /// Boots one unclaimed sandbox and waits until its agent is up.
-    /// Returns the slot's sandbox ID and the image it runs (the name
-    /// resolved: a built-in's name or a built image's ID).
-    async fn boot_slot(&self, image: &str) -> Result<(String, String), String> {
+    /// Boots one unclaimed sandbox for the pool configured as `image`, waits
+    /// until its agent is up, and adds it to the ready slots with the image it
+    /// runs (the name resolved: a built-in's name or a built image's ID).
+    async fn boot_slot(&self, image: &str) -> Result<(), String> {
         let images = self.images.clone();
         let name = image.to_string();
         let info = tokio::task::spawn_blocking(move || images.ensure(&name, &mut |_| {}))
@@ -182,6 +283,7 @@ impl Engine {
             .map_err(|e| e.to_string())?;
         let id = new_id();
         let resolved = info.name.clone();
+        let _booting = Booting::new(&self.pool, &resolved);
         let launch = LaunchConfig {
             sandbox_id: id.clone(),
             runsc_bin: self.cfg.runsc_bin.clone(),
@@ -213,7 +315,19 @@ impl Engine {
         let start = std::time::Instant::now();
         loop {
             match sup.status().await {
-                Ok(st) if st.phase == Phase::Running => return Ok((id, resolved)),
+                Ok(st) if st.phase == Phase::Running => {
+                    // Ready before it stops counting as booting, so that a
+                    // create waiting for it never sees neither.
+                    self.pool
+                        .ready
+                        .lock()
+                        .unwrap()
+                        .entry(image.to_string())
+                        .or_default()
+                        .push_back((id, resolved));
+                    self.pool.became_ready.notify_waiters();
+                    return Ok(());
+                }
                 Ok(st) if st.phase == Phase::Exited => break,
                 _ if start.elapsed() > Duration::from_secs(60) => break,
                 // Not faster: with many slots booting at once, 10 ms polls
@@ -296,6 +410,33 @@ mod tests {
         assert_eq!(pool.take("busybox").as_deref(), Some("sb-c"));
         assert_eq!(pool.take("busybox"), None);
         assert_eq!(pool.ready_count("my-tag"), 1);
+    }
+
+    #[test]
+    fn refills_wait_for_a_burst_to_end_unless_creates_wait_on_an_empty_pool() {
+        // (want, ready, starting, in_burst, waiting)
+        assert!(refill_now(10, 3, 0, false, 0), "quiet: refill");
+        assert!(
+            !refill_now(10, 7, 3, false, 0),
+            "full counting the booting ones"
+        );
+        assert!(
+            !refill_now(10, 1, 0, true, 0),
+            "burst with slots left: wait"
+        );
+        assert!(
+            !refill_now(10, 0, 0, true, 0),
+            "burst, empty, nobody waiting: wait"
+        );
+        assert!(
+            refill_now(10, 0, 0, true, 1),
+            "burst, empty, a create waits: boot"
+        );
+        assert!(refill_now(10, 0, BURST_BOOTS - 1, true, 5));
+        assert!(
+            !refill_now(10, 0, BURST_BOOTS, true, 5),
+            "at most BURST_BOOTS in a burst"
+        );
     }
 
     #[test]

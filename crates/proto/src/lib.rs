@@ -127,6 +127,12 @@ pub enum HostMsg {
     Quiesce,
     /// After a checkpoint or restore (possibly on new pipes): carry on.
     Resume,
+    /// Read these files (those that exist) once, in the background, so that
+    /// the sandbox's first command finds them in gVisor's caches. Sent to
+    /// warm-pool slots while they wait; nothing is answered.
+    Prefetch {
+        paths: Vec<Vec<u8>>,
+    },
 }
 
 /// Messages from the agent to the host.
@@ -194,6 +200,7 @@ const H_CREDIT: u8 = 0x06;
 const H_PING: u8 = 0x07;
 const H_QUIESCE: u8 = 0x08;
 const H_RESUME: u8 = 0x09;
+const H_PREFETCH: u8 = 0x0a;
 const A_HELLO: u8 = 0x81;
 const A_SPAWNED: u8 = 0x82;
 const A_SPAWN_FAILED: u8 = 0x83;
@@ -307,6 +314,7 @@ impl HostMsg {
                 HostMsg::Ping { .. } => H_PING,
                 HostMsg::Quiesce => H_QUIESCE,
                 HostMsg::Resume => H_RESUME,
+                HostMsg::Prefetch { .. } => H_PREFETCH,
             };
             at = begin(out, ty);
         }
@@ -335,6 +343,7 @@ impl HostMsg {
             }
             HostMsg::Ping { seq } => e.u32(*seq),
             HostMsg::Quiesce | HostMsg::Resume => {}
+            HostMsg::Prefetch { paths } => e.list(paths),
         }
         finish(out, at);
     }
@@ -367,6 +376,7 @@ impl HostMsg {
             H_PING => HostMsg::Ping { seq: d.u32()? },
             H_QUIESCE => HostMsg::Quiesce,
             H_RESUME => HostMsg::Resume,
+            H_PREFETCH => HostMsg::Prefetch { paths: d.list()? },
             t => return Err(DecodeError::UnknownType(t)),
         };
         d.end()?;
@@ -553,6 +563,9 @@ mod tests {
             bytes: 65536,
         });
         host_roundtrip(HostMsg::Ping { seq: u32::MAX });
+        host_roundtrip(HostMsg::Prefetch {
+            paths: vec![b"/bin/sh".to_vec(), Vec::new()],
+        });
         host_roundtrip(HostMsg::Quiesce);
         host_roundtrip(HostMsg::Resume);
     }

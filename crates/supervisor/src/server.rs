@@ -261,6 +261,27 @@ fn unthrottled(limits: &gworker_runtime::Limits) -> gworker_runtime::Limits {
     }
 }
 
+/// What a warm-pool slot reads while it waits for its claim: the dynamic
+/// loader, libc and the commands a first command most often is, so that the
+/// claimed sandbox's first exec does not fetch them through the gofer
+/// (~15 ms of a Debian sandbox's first `echo`). Reading leaves nothing a
+/// user could see; missing files are skipped.
+const PREFETCH: &[&str] = &[
+    "/etc/ld.so.cache",
+    "/lib64/ld-linux-x86-64.so.2",
+    "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+    "/lib/x86_64-linux-gnu/libc.so.6",
+    "/lib/x86_64-linux-gnu/libm.so.6",
+    "/bin/sh",
+    "/bin/bash",
+    "/bin/busybox",
+    "/usr/bin/env",
+    "/bin/echo",
+    "/bin/true",
+    "/bin/cat",
+    "/usr/bin/python3",
+];
+
 /// The network gate's FIFO, in the sandbox's directory.
 const NET_GATE: &str = "net.gate";
 
@@ -709,6 +730,11 @@ fn on_agent_msg(shared: &Arc<Shared>, m: AgentMsg) {
                 shared.throttle(&st);
                 if let Some(entry) = st.entry.clone() {
                     start_entry(shared, &mut st, &entry);
+                }
+                if !st.claimed {
+                    shared.send(HostMsg::Prefetch {
+                        paths: PREFETCH.iter().map(|p| p.as_bytes().to_vec()).collect(),
+                    });
                 }
             }
         }
