@@ -390,9 +390,14 @@ impl SandboxNet {
     /// hooks ran, ~100 ms later. [`SandboxNet::setup_in_netns`] makes them
     /// (and the rules) meanwhile, and a prestart hook waits for it. On error
     /// nothing of the id is left behind.
+    ///
+    /// Without the host lock: the netns and the state file are the id's
+    /// own, and nothing shared (slots, rules) is touched. A create would
+    /// otherwise queue behind every setup and teardown in flight (~10 ms
+    /// behind one teardown) before its runsc could even start.
     pub fn create_netns(id: &str, state_dir: &Path) -> Result<PathBuf, NetError> {
         check_id(id)?;
-        let _lock = lock(state_dir)?;
+        fs::create_dir_all(state_dir).map_err(io_err("cannot create", state_dir))?;
         let netns = format!("{NETNS_PREFIX}{id}");
         let made = (|| {
             write_state(state_dir, id, recorded_slot(state_dir, id))?;
@@ -400,7 +405,9 @@ impl SandboxNet {
             add_netns(&netns)
         })();
         if let Err(e) = made {
-            if let Err(e2) = teardown_locked(id, state_dir) {
+            let cleaned =
+                lock(state_dir, Wait::Forever).and_then(|_lock| teardown_locked(id, state_dir));
+            if let Err(e2) = cleaned {
                 tracing::warn!(id, error = %e2, "cannot remove a half-made sandbox network");
             }
             return Err(e);
@@ -438,7 +445,7 @@ impl SandboxNet {
         // applies, it fails as a whole and is built again from fresh rules.
         let host = host_info()?;
         let rules = iptables_save().ok();
-        let _lock = lock(state_dir)?;
+        let _lock = lock(state_dir, Wait::Bounded)?;
         let start = std::time::Instant::now();
         match setup_locked(id, policy, state_dir, nameservers, keep_netns, &host, rules) {
             Ok(net) => {
@@ -460,7 +467,7 @@ impl SandboxNet {
         check_id(id)?;
         let ids = BTreeSet::from([id.to_string()]);
         {
-            let _lock = lock(state_dir)?;
+            let _lock = lock(state_dir, Wait::Forever)?;
             // Fast path: the exact rules its setup made, without reading
             // the host's whole ruleset first (~8 ms at 100 sandboxes). Any
             // difference makes the transaction fail as a whole; then the
@@ -532,7 +539,7 @@ pub fn cleanup_stale(
     keep: &dyn Fn(&str) -> bool,
     state_dir: &Path,
 ) -> Result<Vec<String>, NetError> {
-    let _lock = lock(state_dir)?;
+    let _lock = lock(state_dir, Wait::Forever)?;
     let mut ids: BTreeSet<String> = read_states(state_dir).into_keys().collect();
     if let Ok(entries) = fs::read_dir(NETNS_DIR) {
         for e in entries.flatten() {
@@ -1056,7 +1063,18 @@ pub fn set_background(on: bool) {
 /// state dir's setup between removing its old veth and making the new one.
 pub const HOST_LOCK: &str = "/run/gworker-net.lock";
 
-fn lock(state_dir: &Path) -> Result<Flock<fs::File>, NetError> {
+/// How long [`lock`] waits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// A setup someone waits for: [`lock_wait`], then an error naming the
+    /// holder.
+    Bounded,
+    /// Cleanup (teardown, stale sweep): until the lock is free, since giving
+    /// up would leave the sandbox's netns, veth and rules behind.
+    Forever,
+}
+
+fn lock(state_dir: &Path, how: Wait) -> Result<Flock<fs::File>, NetError> {
     fs::create_dir_all(state_dir).map_err(io_err("cannot create", state_dir))?;
     let path = Path::new(HOST_LOCK);
     let file = fs::OpenOptions::new()
@@ -1066,13 +1084,22 @@ fn lock(state_dir: &Path) -> Result<Flock<fs::File>, NetError> {
         .truncate(false)
         .open(path)
         .map_err(io_err("cannot open", path))?;
-    let wait = lock_wait();
+    let wait = match how {
+        Wait::Bounded => lock_wait(),
+        // Years: no deadline in practice.
+        Wait::Forever => std::time::Duration::from_secs(1 << 30),
+    };
     let deadline = std::time::Instant::now() + wait;
     let timed_out = |file: &fs::File| NetError::LockTimeout {
         secs: wait.as_secs(),
         holder: lock_holder(file),
     };
-    if !BACKGROUND.load(std::sync::atomic::Ordering::Relaxed) {
+    let background = BACKGROUND.load(std::sync::atomic::Ordering::Relaxed);
+    if !background && how == Wait::Forever {
+        return Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, e)| io_err("cannot lock", path)(io::Error::from(e)));
+    }
+    if !background {
         // A blocking flock keeps the kernel's FIFO order among waiters; it
         // runs on a helper thread so that the wait is bounded. Should the
         // helper get the lock after the deadline, nobody receives it and

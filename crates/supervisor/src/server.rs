@@ -223,9 +223,21 @@ struct Shared {
     /// A networked sandbox's gate: runsc's prestart hook waits on it (every
     /// `run` and `restore`) until the network is ready.
     gate: Option<gworker_runtime::net::ReadyGate>,
+    /// When this process started, and how long each boot step took after
+    /// it (ms): logged when the agent says hello, to see where a slow boot's
+    /// time went.
+    t0: std::time::Instant,
+    steps: Mutex<Vec<(&'static str, f64)>>,
 }
 
 impl Shared {
+    fn step(&self, what: &'static str) {
+        let ms = self.t0.elapsed().as_secs_f64() * 1000.0;
+        self.steps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((what, ms));
+    }
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -317,6 +329,7 @@ async fn serve(
     cfg: LaunchConfig,
     std_listener: std::os::unix::net::UnixListener,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    let t0 = std::time::Instant::now();
     let listener = UnixListener::from_std(std_listener)?;
     let bundle = dir.join("bundle");
     // A setup that fails fails the sandbox (with the reason as its message),
@@ -350,6 +363,7 @@ async fn serve(
         },
         Err(_) => None,
     };
+    let prepared_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let runsc = gworker_runtime::Runsc::new(&cfg.runsc_bin, &cfg.runsc_root);
     let (to_agent, rx) = mpsc::unbounded_channel();
     let mut procs = BTreeMap::new();
@@ -398,6 +412,8 @@ async fn serve(
         cgroup,
         cgroup_ok,
         gate,
+        t0,
+        steps: Mutex::new(vec![("prepared", prepared_ms)]),
     });
     tokio::spawn(agent_writer(rx));
     let cmd = match &cfg.restore {
@@ -603,6 +619,7 @@ fn launch(
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log));
     let mut child = cmd.spawn()?;
+    shared.step("runsc started");
     shared.lock().runsc_pid = child.id().map(|p| p as i32);
     let stdin = child.stdin.take().expect("piped");
     let stdout = child.stdout.take().expect("piped");
@@ -727,6 +744,16 @@ fn on_agent_msg(shared: &Arc<Shared>, m: AgentMsg) {
             }
             if st.phase == Phase::Starting {
                 st.phase = Phase::Running;
+                shared.step("agent hello");
+                let steps = shared.steps.lock().unwrap_or_else(|e| e.into_inner());
+                let line: Vec<String> =
+                    steps.iter().map(|(w, ms)| format!("{w} {ms:.1}")).collect();
+                eprintln!(
+                    "supervisor: boot steps (ms since start at {:.3}): {}",
+                    now() - shared.t0.elapsed().as_secs_f64(),
+                    line.join(", ")
+                );
+                drop(steps);
                 shared.throttle(&st);
                 if let Some(entry) = st.entry.clone() {
                     start_entry(shared, &mut st, &entry);
@@ -1048,7 +1075,10 @@ async fn make_network(shared: Arc<Shared>) {
         .await
         .unwrap_or_else(|e| Err(e.to_string()));
     match &res {
-        Ok(()) => eprintln!("supervisor: network ready after {:?}", t0.elapsed()),
+        Ok(()) => {
+            shared.step("network ready");
+            eprintln!("supervisor: network ready after {:?}", t0.elapsed())
+        }
         Err(e) => {
             eprintln!("supervisor: cannot set up the sandbox's network: {e}");
             shared.lock().net_error = Some(e.clone());
