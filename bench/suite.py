@@ -317,9 +317,13 @@ class Daemon:
             self.proc.wait()
         sockdir = os.path.join(self.data, "sock")
         list(ThreadPoolExecutor(16).map(shutdown, os.listdir(sockdir) if os.path.isdir(sockdir) else []))
+        # Each shutdown is answered at once; the supervisors then stop runsc
+        # and remove the network (~50 ms each, serialised on the host lock):
+        # a few hundred slots take seconds.
+        deadline = now() + 30
         left = family([self.data])
-        if left:
-            time.sleep(2)
+        while left and now() < deadline:
+            time.sleep(0.5)
             left = family([self.data])
         return sorted(left)
 
