@@ -170,6 +170,32 @@ impl Drop for Daemon {
             }
         }
         self.kill9();
+        // Unclaimed warm-pool slots are nobody's sandboxes: shut their
+        // supervisors down directly, and let them finish (network teardown)
+        // before their directory goes.
+        let socks: Vec<_> = std::fs::read_dir(self.dir.join("data/sock"))
+            .map(|r| r.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        for sock in &socks {
+            if let Ok(mut c) = std::os::unix::net::UnixStream::connect(sock) {
+                let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = c.write_all(b"{\"op\":\"shutdown\"}\n");
+                let _ = c.read(&mut [0u8; 256]);
+            }
+        }
+        let data = self.dir.join("data").to_string_lossy().into_owned();
+        let start = Instant::now();
+        while !socks.is_empty() && start.elapsed() < Duration::from_secs(15) {
+            let running = std::process::Command::new("pgrep")
+                .args(["-f", &format!("supervise {data}/")])
+                .output()
+                .map(|o| !o.stdout.is_empty())
+                .unwrap_or(false);
+            if !running {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
