@@ -449,6 +449,40 @@ def test_stuck_network_lock_fails_the_sandbox_instead_of_hanging(daemon, tmp_pat
         d2.stop()
 
 
+def test_a_boot_that_never_answers_fails_the_sandbox(daemon, tmp_path):
+    """A runsc whose sandbox never comes up (here: a stand-in that hangs in
+    `run`) does not leave the sandbox `starting` and its execs waiting
+    forever: the supervisor's boot watchdog fails it with a message, and a
+    terminate leaves nothing behind."""
+    fake = tmp_path / "runsc"
+    fake.write_text("#!/bin/sh\n"
+                    "for a in \"$@\"; do [ \"$a\" = run ] && exec sleep 300; done\n"
+                    "exec /usr/bin/runsc \"$@\"\n")
+    fake.chmod(0o755)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "images").symlink_to(daemon.data_dir / "images")
+    d2 = Daemon(gworker_bin(), tmp_path / "data", short_tempdir("gwbt-") / "gw.sock", ["--runsc", str(fake)],
+                env={"GWORKER_BOOT_LIMIT_SECS": "2"})
+    d2.start()
+    try:
+        status, body = d2.request("POST", "/v1/sandboxes", {"image": "busybox", "timeout": 60, "block_network": True})
+        assert status == 201, body
+        sid = body["sandbox_id"]
+        t0 = time.monotonic()
+        status, body = d2.request("POST", f"/v1/sandboxes/{sid}/exec", {"cmd": ["echo", "hi"]}, timeout=30)
+        waited = time.monotonic() - t0
+        assert status == 409 and body["error"]["code"] == "sandbox_not_running", (status, body)
+        assert waited < 10, f"the exec waited {waited:.1f} s for a boot limit of 2 s"
+        info = d2.request("GET", f"/v1/sandboxes/{sid}")[1]
+        assert info["state"] == "exited" and info["reason"] == "failed", info
+        assert "did not start within 2 s" in info["message"], info
+        assert d2.request("DELETE", f"/v1/sandboxes/{sid}")[0] == 204
+        left = wait_no_leftovers(d2, [sid])
+        assert not left, f"a sandbox whose boot hung left: {left}"
+    finally:
+        d2.stop()
+
+
 # --------------------------------------------------------------------------
 # Disk full
 # --------------------------------------------------------------------------

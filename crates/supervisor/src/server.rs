@@ -1138,12 +1138,20 @@ async fn deadline_timer(shared: Arc<Shared>) {
 }
 
 /// How long a cold boot may take until the agent's hello: normally ~0.3 s,
-/// a few seconds on a loaded host.
-const BOOT_LIMIT: Duration = Duration::from_secs(60);
+/// a few seconds on a loaded host. `GWORKER_BOOT_LIMIT_SECS` overrides it
+/// (tests use a short one).
+fn boot_limit() -> Duration {
+    let secs = std::env::var("GWORKER_BOOT_LIMIT_SECS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(60);
+    Duration::from_secs(secs.max(1))
+}
 
 /// Fails a sandbox whose boot hangs, so that nothing waits on it forever.
 async fn boot_watchdog(shared: Arc<Shared>) {
-    if wait_for(&shared, BOOT_LIMIT, |st| st.phase != Phase::Starting).await {
+    let limit = boot_limit();
+    if wait_for(&shared, limit, |st| st.phase != Phase::Starting).await {
         return;
     }
     {
@@ -1155,7 +1163,7 @@ async fn boot_watchdog(shared: Arc<Shared>) {
             Some(e) => format!("cannot set up the sandbox's network: {e}"),
             None => format!(
                 "the sandbox did not start within {} s: {}",
-                BOOT_LIMIT.as_secs(),
+                limit.as_secs(),
                 log_tail(&shared.dir.join("runsc.log"))
             ),
         };
