@@ -483,6 +483,47 @@ def test_a_boot_that_never_answers_fails_the_sandbox(daemon, tmp_path):
         d2.stop()
 
 
+def test_a_frozen_sandbox_fails_its_exec_instead_of_hanging(daemon, tmp_path):
+    """A sandbox whose agent stops answering (here: its gVisor sentry is
+    SIGSTOPped on the host) answers an exec with 409 after the agent's
+    answer limit, and is failed with a message saying why, instead of every
+    exec hanging forever. A terminate then leaves nothing."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "images").symlink_to(daemon.data_dir / "images")
+    d2 = Daemon(gworker_bin(), tmp_path / "data", short_tempdir("gwfr-") / "gw.sock",
+                env={"GWORKER_AGENT_ANSWER_SECS": "2"})
+    d2.start()
+    stopped: List[int] = []
+    try:
+        status, body = d2.request("POST", "/v1/sandboxes", {"image": "busybox", "timeout": 60, "block_network": True})
+        assert status == 201, body
+        sid = body["sandbox_id"]
+        status, body = d2.request("POST", f"/v1/sandboxes/{sid}/exec", {"cmd": ["true"]}, timeout=60)
+        assert status == 201, body
+        stopped = [pid for pid, cmd in pgrep(sid) if "runsc-sandbox" in cmd and " boot " in cmd]
+        assert len(stopped) == 1, pgrep(sid)
+        os.kill(stopped[0], signal.SIGSTOP)
+        t0 = time.monotonic()
+        status, body = d2.request("POST", f"/v1/sandboxes/{sid}/exec", {"cmd": ["echo", "hi"]}, timeout=30)
+        waited = time.monotonic() - t0
+        assert status == 409 and body["error"]["code"] == "sandbox_not_running", (status, body)
+        assert waited < 10, f"the exec waited {waited:.1f} s for an answer limit of 2 s"
+        info = d2.request("GET", f"/v1/sandboxes/{sid}")[1]
+        assert info["state"] == "exited" and info["reason"] == "failed", info
+        assert "did not answer an exec within 2 s" in info["message"], info
+        assert d2.request("DELETE", f"/v1/sandboxes/{sid}")[0] == 204
+        left = wait_no_leftovers(d2, [sid])
+        assert not left, f"a frozen sandbox left: {left}"
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        d2.stop()
+
+
 # --------------------------------------------------------------------------
 # Disk full
 # --------------------------------------------------------------------------

@@ -1173,6 +1173,29 @@ async fn boot_watchdog(shared: Arc<Shared>) {
     stop_container(shared);
 }
 
+/// How long an exec waits for the agent's answer to its spawn.
+/// `GWORKER_AGENT_ANSWER_SECS` overrides it (tests use a short one).
+fn answer_limit() -> Duration {
+    let secs = std::env::var("GWORKER_AGENT_ANSWER_SECS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(60);
+    Duration::from_secs(secs.max(1))
+}
+
+/// Ends the sandbox with reason `failed` and `message`, and stops it.
+fn fail_sandbox(shared: &Arc<Shared>, exit_code: Option<i32>, message: String) {
+    {
+        let mut st = shared.lock();
+        if st.phase == Phase::Exited {
+            return;
+        }
+        st.exit(exit_code, "failed", Some(message));
+    }
+    shared.changed.notify_waiters();
+    stop_container(shared.clone());
+}
+
 fn kill_sandbox(shared: &Arc<Shared>, reason: &str) {
     {
         let mut st = shared.lock();
@@ -1325,7 +1348,25 @@ async fn spawn(shared: &Arc<Shared>, spec: ProcSpec) -> Result<serde_json::Value
         shared.send(spawn_msg(id, &spec));
         (id, rx)
     };
-    let res = rx.await.unwrap_or_else(|_| Err(not_running()));
+    let limit = answer_limit();
+    let res = match tokio::time::timeout(limit, rx).await {
+        Ok(answer) => answer.unwrap_or_else(|_| Err(not_running())),
+        Err(_) => {
+            // A live agent answers in milliseconds (seconds under a tiny CPU
+            // limit or during a snapshot): this sandbox is wedged, and every
+            // later exec would hang the same way.
+            shared.lock().pending.remove(&id);
+            fail_sandbox(
+                shared,
+                Some(137),
+                format!(
+                    "the sandbox's agent did not answer an exec within {} s; the sandbox was stopped",
+                    limit.as_secs()
+                ),
+            );
+            Err(not_running())
+        }
+    };
     match res {
         Ok(()) => Ok(serde_json::json!({ "id": id })),
         Err(e) => {
