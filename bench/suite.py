@@ -953,7 +953,36 @@ class Suite:
             raw_r.run(raw_restore)
         st = summ(gw_r.ok)
         self.row("f4", "restore -> first output", gw_r, raw=raw_r, target="p50 <= 120 ms",
-                 met=bool(st and st["p50"] <= 120 and gw_r.fail == 0))
+                 met=bool(st and st["p50"] <= 120 and gw_r.fail == 0),
+                 note="gworker's default network (restored into a fresh netns and veth) against raw --network=none")
+        # Like with like: a snapshot of a sandbox without a network.
+        src_nn = Sandbox.create(image=bb, timeout=1800, block_network=True)
+        try:
+            assert src_nn.exec(["echo", "ready"]).stdout.read() == "ready\n"
+            snap_nn = src_nn.snapshot()
+        finally:
+            src_nn.terminate()
+
+        def gw_restore_nn():
+            t = now()
+            sb = Sandbox.create(snapshot=snap_nn, timeout=300)
+            try:
+                out = sb.exec(["echo", "hi"]).stdout.read()
+                dt = (now() - t) * 1000
+            finally:
+                terminate_later(sb)
+            assert out == "hi\n", out
+            return dt
+
+        gw_restore_nn()
+        gw_nn, raw_nn = Samples(), Samples()
+        for _ in range(runs):
+            gw_nn.run(gw_restore_nn)
+            raw_nn.run(raw_restore)
+        snap_nn.delete()
+        st = summ(gw_nn.ok)
+        self.row("f4", "restore -> first output, block_network", gw_nn, raw=raw_nn, target="p50 <= 120 ms",
+                 met=bool(st and st["p50"] <= 120 and gw_nn.fail == 0), note="no network on either side")
         gw_f, raw_f = Samples(), Samples()
         fails = 0
         for _ in range(fork_reps):
