@@ -165,10 +165,18 @@ impl Pool {
         if !pooled && booting() == 0 {
             return None;
         }
-        use std::sync::atomic::Ordering::Relaxed;
-        self.waiting.fetch_add(1, Relaxed);
+        // Counted while this create waits, also if its request is dropped.
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        self.waiting
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _waiting = Waiting(&self.waiting);
         let deadline = tokio::time::Instant::now() + limit;
-        let slot = loop {
+        loop {
             let notified = self.became_ready.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
@@ -185,9 +193,7 @@ impl Pool {
             if tokio::time::Instant::now() >= deadline {
                 break self.take(image);
             }
-        };
-        self.waiting.fetch_sub(1, Relaxed);
-        slot
+        }
     }
 
     fn in_burst(&self) -> bool {
