@@ -25,7 +25,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import pytest
 
@@ -411,6 +411,40 @@ def test_sigkill_of_sandbox_process(daemon, target):
 
 
 # --------------------------------------------------------------------------
+# Wedged sandboxes: every wait on a sandbox is bounded
+# --------------------------------------------------------------------------
+
+
+def side_daemon(daemon: Daemon, tmp_path: Path, prefix: str, env: Dict[str, str],
+                args: Sequence[str] = ()) -> Daemon:
+    """A second daemon with its own data dir (sharing the session daemon's
+    built images) and `env`, started."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "images").symlink_to(daemon.data_dir / "images")
+    d2 = Daemon(gworker_bin(), tmp_path / "data", short_tempdir(prefix) / "gw.sock", list(args), env=env)
+    d2.start()
+    return d2
+
+
+def exec_fails_the_sandbox(d2: Daemon, sid: str, within: float, what: str, *message_parts: str) -> None:
+    """An exec on `sid` answers 409 `sandbox_not_running` within `within`
+    seconds; the sandbox is exited `failed` with every `message_parts` in its
+    message; a terminate then leaves nothing of it on the host."""
+    t0 = time.monotonic()
+    status, body = d2.request("POST", f"/v1/sandboxes/{sid}/exec", {"cmd": ["echo", "hi"]}, timeout=30)
+    waited = time.monotonic() - t0
+    assert status == 409 and body["error"]["code"] == "sandbox_not_running", (status, body)
+    assert waited < within, f"the exec waited {waited:.1f} s for {what}"
+    info = d2.request("GET", f"/v1/sandboxes/{sid}")[1]
+    assert info["state"] == "exited" and info["reason"] == "failed", info
+    for part in message_parts:
+        assert part in info["message"], info
+    assert d2.request("DELETE", f"/v1/sandboxes/{sid}")[0] == 204
+    left = wait_no_leftovers(d2, [sid])
+    assert not left, f"a sandbox failed on {what} left: {left}"
+
+
+# --------------------------------------------------------------------------
 # A stuck holder of the host network lock
 # --------------------------------------------------------------------------
 
@@ -420,29 +454,14 @@ def test_stuck_network_lock_fails_the_sandbox_instead_of_hanging(daemon, tmp_pat
     it too long (here: a plain `flock`) makes a networked sandbox fail with a
     message naming the holder, and an exec waiting for that sandbox answers,
     instead of both waiting forever. Nothing of the sandbox is left."""
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "images").symlink_to(daemon.data_dir / "images")
-    d2 = Daemon(gworker_bin(), tmp_path / "data", short_tempdir("gwlk-") / "gw.sock",
-                env={"GWORKER_NET_LOCK_WAIT_SECS": "2"})
-    d2.start()
+    d2 = side_daemon(daemon, tmp_path, "gwlk-", {"GWORKER_NET_LOCK_WAIT_SECS": "2"})
     holder = subprocess.Popen(["flock", "/run/gworker-net.lock", "sleep", "8"])
-    sid = None
     try:
         time.sleep(0.3)
         status, body = d2.request("POST", "/v1/sandboxes", {"image": "busybox", "cmd": [], "timeout": 60})
         assert status == 201, body
-        sid = body["sandbox_id"]
-        t0 = time.monotonic()
-        status, body = d2.request("POST", f"/v1/sandboxes/{sid}/exec", {"cmd": ["echo", "hi"]}, timeout=30)
-        waited = time.monotonic() - t0
-        assert status == 409 and body["error"]["code"] == "sandbox_not_running", (status, body)
-        assert waited < 7, f"the exec waited {waited:.1f} s for a lock wait of 2 s"
-        info = d2.request("GET", f"/v1/sandboxes/{sid}")[1]
-        assert info["state"] == "exited" and info["reason"] == "failed", info
-        assert "host network lock" in info["message"] and f"pid {holder.pid}" in info["message"], info
-        assert d2.request("DELETE", f"/v1/sandboxes/{sid}")[0] == 204
-        left = wait_no_leftovers(d2, [sid])
-        assert not left, f"a sandbox failed on the lock left: {left}"
+        exec_fails_the_sandbox(d2, body["sandbox_id"], 7, "a lock wait of 2 s",
+                               "host network lock", f"pid {holder.pid}")
     finally:
         holder.kill()
         holder.wait()
@@ -459,26 +478,11 @@ def test_a_boot_that_never_answers_fails_the_sandbox(daemon, tmp_path):
                     "for a in \"$@\"; do [ \"$a\" = run ] && exec sleep 300; done\n"
                     "exec /usr/bin/runsc \"$@\"\n")
     fake.chmod(0o755)
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "images").symlink_to(daemon.data_dir / "images")
-    d2 = Daemon(gworker_bin(), tmp_path / "data", short_tempdir("gwbt-") / "gw.sock", ["--runsc", str(fake)],
-                env={"GWORKER_BOOT_LIMIT_SECS": "2"})
-    d2.start()
+    d2 = side_daemon(daemon, tmp_path, "gwbt-", {"GWORKER_BOOT_LIMIT_SECS": "2"}, ["--runsc", str(fake)])
     try:
         status, body = d2.request("POST", "/v1/sandboxes", {"image": "busybox", "timeout": 60, "block_network": True})
         assert status == 201, body
-        sid = body["sandbox_id"]
-        t0 = time.monotonic()
-        status, body = d2.request("POST", f"/v1/sandboxes/{sid}/exec", {"cmd": ["echo", "hi"]}, timeout=30)
-        waited = time.monotonic() - t0
-        assert status == 409 and body["error"]["code"] == "sandbox_not_running", (status, body)
-        assert waited < 10, f"the exec waited {waited:.1f} s for a boot limit of 2 s"
-        info = d2.request("GET", f"/v1/sandboxes/{sid}")[1]
-        assert info["state"] == "exited" and info["reason"] == "failed", info
-        assert "did not start within 2 s" in info["message"], info
-        assert d2.request("DELETE", f"/v1/sandboxes/{sid}")[0] == 204
-        left = wait_no_leftovers(d2, [sid])
-        assert not left, f"a sandbox whose boot hung left: {left}"
+        exec_fails_the_sandbox(d2, body["sandbox_id"], 10, "a boot limit of 2 s", "did not start within 2 s")
     finally:
         d2.stop()
 
@@ -488,11 +492,7 @@ def test_a_frozen_sandbox_fails_its_exec_instead_of_hanging(daemon, tmp_path):
     SIGSTOPped on the host) answers an exec with 409 after the agent's
     answer limit, and is failed with a message saying why, instead of every
     exec hanging forever. A terminate then leaves nothing."""
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "images").symlink_to(daemon.data_dir / "images")
-    d2 = Daemon(gworker_bin(), tmp_path / "data", short_tempdir("gwfr-") / "gw.sock",
-                env={"GWORKER_AGENT_ANSWER_SECS": "2"})
-    d2.start()
+    d2 = side_daemon(daemon, tmp_path, "gwfr-", {"GWORKER_AGENT_ANSWER_SECS": "2"})
     stopped: List[int] = []
     try:
         status, body = d2.request("POST", "/v1/sandboxes", {"image": "busybox", "timeout": 60, "block_network": True})
@@ -503,17 +503,7 @@ def test_a_frozen_sandbox_fails_its_exec_instead_of_hanging(daemon, tmp_path):
         stopped = [pid for pid, cmd in pgrep(sid) if "runsc-sandbox" in cmd and " boot " in cmd]
         assert len(stopped) == 1, pgrep(sid)
         os.kill(stopped[0], signal.SIGSTOP)
-        t0 = time.monotonic()
-        status, body = d2.request("POST", f"/v1/sandboxes/{sid}/exec", {"cmd": ["echo", "hi"]}, timeout=30)
-        waited = time.monotonic() - t0
-        assert status == 409 and body["error"]["code"] == "sandbox_not_running", (status, body)
-        assert waited < 10, f"the exec waited {waited:.1f} s for an answer limit of 2 s"
-        info = d2.request("GET", f"/v1/sandboxes/{sid}")[1]
-        assert info["state"] == "exited" and info["reason"] == "failed", info
-        assert "did not answer an exec within 2 s" in info["message"], info
-        assert d2.request("DELETE", f"/v1/sandboxes/{sid}")[0] == 204
-        left = wait_no_leftovers(d2, [sid])
-        assert not left, f"a frozen sandbox left: {left}"
+        exec_fails_the_sandbox(d2, sid, 10, "an answer limit of 2 s", "did not answer an exec within 2 s")
     finally:
         for pid in stopped:
             try:
