@@ -104,6 +104,11 @@ pub const REFILL_QUIET: Duration = Duration::from_millis(100);
 /// only for creates waiting on an empty pool.
 pub const BURST_BOOTS: usize = 2;
 
+/// The count under `key` (0 if none).
+fn count(counts: &Mutex<HashMap<String, usize>>, key: &str) -> usize {
+    counts.lock().unwrap().get(key).copied().unwrap_or(0)
+}
+
 /// Whether to start booting another slot of an image now.
 fn refill_now(want: usize, ready: usize, starting: usize, in_burst: bool, waiting: usize) -> bool {
     if ready + starting >= want {
@@ -154,14 +159,7 @@ impl Pool {
             return Some(slot);
         }
         let pooled = self.cfg.sizes.get(image).is_some_and(|n| *n > 0);
-        let booting = || {
-            self.booting
-                .lock()
-                .unwrap()
-                .get(image)
-                .copied()
-                .unwrap_or(0)
-        };
+        let booting = || count(&self.booting, image);
         if !pooled && booting() == 0 {
             return None;
         }
@@ -227,14 +225,7 @@ impl Engine {
         let budget_slots = (self.pool.cfg.memory_budget_mb / SLOT_COST_MB) as usize;
         for (image, want) in &self.pool.cfg.sizes {
             let ready = self.pool.ready_count(image);
-            let starting = self
-                .pool
-                .starting
-                .lock()
-                .unwrap()
-                .get(image)
-                .copied()
-                .unwrap_or(0);
+            let starting = count(&self.pool.starting, image);
             if self.pool.total() >= budget_slots
                 || !refill_now(
                     *want,

@@ -332,6 +332,17 @@ pub fn write_bundle(dir: &Path, spec: &BundleSpec) -> Result<(), RuntimeError> {
 }
 
 /// Finds the runsc binary: `$GWORKER_RUNSC`, else `runsc` on PATH, else /usr/bin/runsc.
+/// A limit in whole seconds: `var` when the environment sets it to a
+/// number (at least 1), else `default_secs`. Tests shorten gworker's
+/// watchdogs this way.
+pub fn env_secs(var: &str, default_secs: u64) -> std::time::Duration {
+    let secs = std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(default_secs);
+    std::time::Duration::from_secs(secs.max(1))
+}
+
 pub fn find_runsc() -> PathBuf {
     if let Some(p) = std::env::var_os("GWORKER_RUNSC") {
         return PathBuf::from(p);

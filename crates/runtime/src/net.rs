@@ -1084,22 +1084,20 @@ fn lock(state_dir: &Path, how: Wait) -> Result<Flock<fs::File>, NetError> {
         .truncate(false)
         .open(path)
         .map_err(io_err("cannot open", path))?;
-    let wait = match how {
-        Wait::Bounded => lock_wait(),
-        // Years: no deadline in practice.
-        Wait::Forever => std::time::Duration::from_secs(1 << 30),
+    let wait = lock_wait();
+    let deadline = match how {
+        Wait::Bounded => Some(std::time::Instant::now() + wait),
+        Wait::Forever => None,
     };
-    let deadline = std::time::Instant::now() + wait;
     let timed_out = |file: &fs::File| NetError::LockTimeout {
         secs: wait.as_secs(),
         holder: lock_holder(file),
     };
-    let background = BACKGROUND.load(std::sync::atomic::Ordering::Relaxed);
-    if !background && how == Wait::Forever {
-        return Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, e)| io_err("cannot lock", path)(io::Error::from(e)));
-    }
-    if !background {
+    if !BACKGROUND.load(std::sync::atomic::Ordering::Relaxed) {
+        if deadline.is_none() {
+            return Flock::lock(file, FlockArg::LockExclusive)
+                .map_err(|(_, e)| io_err("cannot lock", path)(io::Error::from(e)));
+        }
         // A blocking flock keeps the kernel's FIFO order among waiters; it
         // runs on a helper thread so that the wait is bounded. Should the
         // helper get the lock after the deadline, nobody receives it and
@@ -1126,7 +1124,7 @@ fn lock(state_dir: &Path, how: Wait) -> Result<Flock<fs::File>, NetError> {
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(l) => return Ok(l),
             Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
-                if std::time::Instant::now() > deadline {
+                if deadline.is_some_and(|d| std::time::Instant::now() > d) {
                     return Err(timed_out(&f));
                 }
                 file = f;
@@ -1137,16 +1135,12 @@ fn lock(state_dir: &Path, how: Wait) -> Result<Flock<fs::File>, NetError> {
     }
 }
 
-/// How long a setup or teardown waits for [`HOST_LOCK`]: each holds it for
-/// milliseconds, so a wait this long means a holder is stuck, and the
-/// sandbox fails with a message naming it instead of hanging.
+/// How long a setup waits for [`HOST_LOCK`] ([`Wait::Bounded`]): each holder
+/// keeps it for milliseconds, so a wait this long means a holder is stuck,
+/// and the sandbox fails with a message naming it instead of hanging.
 /// `GWORKER_NET_LOCK_WAIT_SECS` overrides it (tests use a short one).
 fn lock_wait() -> std::time::Duration {
-    let secs = std::env::var("GWORKER_NET_LOCK_WAIT_SECS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(20);
-    std::time::Duration::from_secs(secs.max(1))
+    crate::env_secs("GWORKER_NET_LOCK_WAIT_SECS", 20)
 }
 
 /// Who holds the flock on `file`, from /proc/locks: "pid N (its command

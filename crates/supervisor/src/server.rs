@@ -1141,11 +1141,7 @@ async fn deadline_timer(shared: Arc<Shared>) {
 /// a few seconds on a loaded host. `GWORKER_BOOT_LIMIT_SECS` overrides it
 /// (tests use a short one).
 fn boot_limit() -> Duration {
-    let secs = std::env::var("GWORKER_BOOT_LIMIT_SECS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(60);
-    Duration::from_secs(secs.max(1))
+    gworker_runtime::env_secs("GWORKER_BOOT_LIMIT_SECS", 60)
 }
 
 /// Fails a sandbox whose boot hangs, so that nothing waits on it forever.
@@ -1176,33 +1172,22 @@ async fn boot_watchdog(shared: Arc<Shared>) {
 /// How long an exec waits for the agent's answer to its spawn.
 /// `GWORKER_AGENT_ANSWER_SECS` overrides it (tests use a short one).
 fn answer_limit() -> Duration {
-    let secs = std::env::var("GWORKER_AGENT_ANSWER_SECS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(60);
-    Duration::from_secs(secs.max(1))
-}
-
-/// Ends the sandbox with reason `failed` and `message`, and stops it.
-fn fail_sandbox(shared: &Arc<Shared>, exit_code: Option<i32>, message: String) {
-    {
-        let mut st = shared.lock();
-        if st.phase == Phase::Exited {
-            return;
-        }
-        st.exit(exit_code, "failed", Some(message));
-    }
-    shared.changed.notify_waiters();
-    stop_container(shared.clone());
+    gworker_runtime::env_secs("GWORKER_AGENT_ANSWER_SECS", 60)
 }
 
 fn kill_sandbox(shared: &Arc<Shared>, reason: &str) {
+    kill_sandbox_saying(shared, reason, None);
+}
+
+/// Ends the sandbox (exit 137) with `reason` and, if given, a message
+/// saying why, and stops it.
+fn kill_sandbox_saying(shared: &Arc<Shared>, reason: &str, message: Option<String>) {
     {
         let mut st = shared.lock();
         if st.phase == Phase::Exited && st.stopping {
             return;
         }
-        st.exit(Some(137), reason, None);
+        st.exit(Some(137), reason, message);
     }
     shared.changed.notify_waiters();
     stop_container(shared.clone());
@@ -1356,13 +1341,13 @@ async fn spawn(shared: &Arc<Shared>, spec: ProcSpec) -> Result<serde_json::Value
             // limit or during a snapshot): this sandbox is wedged, and every
             // later exec would hang the same way.
             shared.lock().pending.remove(&id);
-            fail_sandbox(
+            kill_sandbox_saying(
                 shared,
-                Some(137),
-                format!(
+                "failed",
+                Some(format!(
                     "the sandbox's agent did not answer an exec within {} s; the sandbox was stopped",
                     limit.as_secs()
-                ),
+                )),
             );
             Err(not_running())
         }
