@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::{fsutil, ImageError};
 
 /// Bumped when a recipe changes what it produces; stored in image.json.
-pub const RECIPE_VERSION: u32 = 3;
+pub const RECIPE_VERSION: u32 = 4;
 
 pub(crate) const STD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -264,6 +264,16 @@ fn build_busybox(
 /// what apt needs to fetch over HTTPS).
 const DEBIAN_PACKAGES: &str = "python3,python3-pip,ca-certificates";
 
+/// The image sets `LANG=C.UTF-8`. Without a locale archive glibc's
+/// `setlocale` opens and maps the locale's 13 category files one by one, in
+/// every dynamic program that calls it (`echo`, `ls`, Python): ~15 ms per
+/// process under gVisor, where each open is a round trip to the gofer
+/// (`runsc run` of `echo hi` on this rootfs: 154 ms with `LANG=C.UTF-8`, 141
+/// without). Put `C.utf8` into `/usr/lib/locale/locale-archive` and it is one
+/// file, mapped once (136 ms).
+const LOCALE_HOOK: &str =
+    "--customize-hook=chroot \"$1\" localedef --add-to-archive /usr/lib/locale/C.utf8";
+
 fn build_debian_slim(
     tools: &Tools,
     suite: &str,
@@ -273,7 +283,8 @@ fn build_debian_slim(
     const IMG: &str = "debian-slim";
     let include = format!("--include={DEBIAN_PACKAGES}");
     let mut cmd = Command::new(&tools.mmdebstrap);
-    cmd.args(["--variant=minbase", &include, suite]).arg(rootfs);
+    cmd.args(["--variant=minbase", &include, LOCALE_HOOK, suite])
+        .arg(rootfs);
     // The host's sources name its own release; other releases come from the
     // same archive URI.
     let mirror = if suite == "bookworm" {

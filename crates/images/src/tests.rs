@@ -425,6 +425,12 @@ fn debian_slim_real_build() {
     assert_eq!(fs::read_dir(r.join(".gworker")).unwrap().count(), 0);
     assert!(info.size_bytes > 100_000_000, "{}", info.size_bytes);
     assert!(info.env.contains(&("LANG".into(), "C.UTF-8".into())));
+    // LANG's locale is in the archive (one file to map per process).
+    let archive = fs::read(r.join("usr/lib/locale/locale-archive")).unwrap();
+    assert!(
+        archive.windows(6).any(|w| w == b"C.utf8"),
+        "C.utf8 is not in the locale archive"
+    );
     assert!(
         lines.iter().any(|l| l.starts_with("I: ")),
         "no mmdebstrap output: {lines:?}"
