@@ -51,6 +51,26 @@ from gworker_client import Image, Sandbox  # noqa: E402
 
 CLK = os.sysconf("SC_CLK_TCK")
 RUNSC = shutil.which("runsc") or "/usr/bin/runsc"
+
+# The daemon's host tuning (crates/runtime/src/host.rs). The suite applies it
+# itself before anything runs, so the raw baselines run on the same host
+# settings as gworker; `--no-host-tuning` measures both without it.
+RCU_EXPEDITED = "/sys/kernel/rcu_expedited"
+HOST_TUNING = True
+
+
+def rcu_expedited():
+    return (read(RCU_EXPEDITED) or "?").strip()
+
+
+def apply_host_tuning(on):
+    global HOST_TUNING
+    HOST_TUNING = on
+    try:
+        with open(RCU_EXPEDITED, "w") as f:
+            f.write("1" if on else "0")
+    except OSError as e:
+        log(f"cannot set {RCU_EXPEDITED}: {e}")
 ALL = ["f1", "f2", "f3", "f4", "f5", "f6", "f7"]
 
 
@@ -218,6 +238,8 @@ class Daemon:
         os.makedirs(self.dir)
         prepare_images(binp, self.data, images_cache)
         args = [binp, "serve", "--data-dir", self.data, "--socket", self.sock, "--agent", agent]
+        if not HOST_TUNING:
+            args.append("--no-host-tuning")
         for img, n in (pool or {}).items():
             args += ["--pool", f"{img}={n}"]
         if pool_mb:
@@ -1287,6 +1309,7 @@ class Suite:
         return {"suite": "gworker bench/suite.py", "quick": self.q, "started": self.started,
                 "host": os.uname().nodename, "kernel": os.uname().release, "cpus": os.cpu_count(),
                 "loadavg_start": self.load0, "loadavg_now": os.getloadavg(),
+                "rcu_expedited": rcu_expedited(),
                 "runsc": subprocess.run([RUNSC, "--version"], capture_output=True, text=True).stdout.splitlines()[:1],
                 "debian_slim_recipe_copied": self.images.get("debian-slim-recipe"),
                 "rows": self.rows, "notes": {k: v for k, v in self.extra.items() if k == "density"}}
@@ -1383,6 +1406,8 @@ def main():
     ap.add_argument("--json", default="bench-suite.json", help="write the results here (default %(default)s)")
     ap.add_argument("--only", default=",".join(ALL), help="comma-separated figures, e.g. f1,f3")
     ap.add_argument("--render", metavar="JSON", help="only print the table of an earlier run's JSON")
+    ap.add_argument("--no-host-tuning", action="store_true",
+                    help=f"run raw runsc and gworker with {RCU_EXPEDITED} = 0 (the daemon's default sets it to 1)")
     a = ap.parse_args()
     if a.render:
         d = json.load(open(a.render))
@@ -1397,6 +1422,7 @@ def main():
         sys.exit(f"unknown figure(s) {bad}; known: {ALL}")
     if os.geteuid() != 0:
         sys.exit("runs runsc directly: run as root")
+    apply_host_tuning(not a.no_host_tuning)
     tmp = tempfile.mkdtemp(prefix="gw-suite-", dir="/tmp")
     s = Suite(a, tmp)
     t = now()
@@ -1405,7 +1431,8 @@ def main():
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"gworker benchmark suite ({'quick' if a.quick else 'full'}), {s.started}, "
-          f"{os.cpu_count()} CPUs, load at start {s.load0[0]:.2f}, took {now() - t:.0f} s")
+          f"{os.cpu_count()} CPUs, load at start {s.load0[0]:.2f}, {RCU_EXPEDITED} = {rcu_expedited()}, "
+          f"took {now() - t:.0f} s")
     print("ratio = gworker p50 / raw baseline p50 (same run); peers: podman with that OCI runtime\n")
     print(table(s.rows))
     print(f"\nJSON: {os.path.abspath(a.json)}")

@@ -165,3 +165,14 @@ def client_env(url: str, **extra: str) -> Dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CLIENT_SRC), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
+
+
+def side_daemon(daemon: Daemon, tmp_path: Path, prefix: str, env: Dict[str, str],
+                args: Sequence[str] = ()) -> Daemon:
+    """A second daemon with its own data dir (sharing the session daemon's
+    built images) and `env`, started."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "images").symlink_to(daemon.data_dir / "images")
+    d2 = Daemon(gworker_bin(), tmp_path / "data", short_tempdir(prefix) / "gw.sock", list(args), env=env)
+    d2.start()
+    return d2

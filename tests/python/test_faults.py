@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 
 import pytest
 
-from helpers import BUSYBOX, Daemon, gworker_bin, run, short_tempdir
+from helpers import BUSYBOX, Daemon, gworker_bin, run, short_tempdir, side_daemon
 from gworker_client import GworkerError, Image, Sandbox, SandboxSnapshot
 from gworker_client.sandbox import SandboxProcess
 
@@ -413,17 +413,6 @@ def test_sigkill_of_sandbox_process(daemon, target):
 # --------------------------------------------------------------------------
 # Wedged sandboxes: every wait on a sandbox is bounded
 # --------------------------------------------------------------------------
-
-
-def side_daemon(daemon: Daemon, tmp_path: Path, prefix: str, env: Dict[str, str],
-                args: Sequence[str] = ()) -> Daemon:
-    """A second daemon with its own data dir (sharing the session daemon's
-    built images) and `env`, started."""
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "images").symlink_to(daemon.data_dir / "images")
-    d2 = Daemon(gworker_bin(), tmp_path / "data", short_tempdir(prefix) / "gw.sock", list(args), env=env)
-    d2.start()
-    return d2
 
 
 def exec_fails_the_sandbox(d2: Daemon, sid: str, within: float, what: str, *message_parts: str) -> None:

@@ -67,6 +67,11 @@ pub struct ServeArgs {
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+    /// Leave the host's kernel settings alone. By default the daemon sets
+    /// /sys/kernel/rcu_expedited to 1, which makes each sandbox start ~50 ms
+    /// faster (runsc waits out many RCU grace periods while it starts).
+    #[arg(long)]
+    no_host_tuning: bool,
 }
 
 fn parse_pool(s: &str) -> Result<(String, usize), String> {
@@ -127,6 +132,9 @@ fn find_agent() -> PathBuf {
 
 pub fn serve(a: ServeArgs) -> ExitCode {
     init_logging(a.log_json);
+    if !a.no_host_tuning {
+        tune_host();
+    }
     let data_dir = a.data_dir.unwrap_or_else(default_data_dir);
     let opts = gworker_daemon::ServeOptions {
         engine: EngineConfig {
@@ -177,6 +185,22 @@ pub fn serve(a: ServeArgs) -> ExitCode {
             eprintln!("gworker serve: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Applies [`gworker_runtime::host::tune`]; a host that refuses keeps working,
+/// only slower.
+fn tune_host() {
+    use gworker_runtime::host::{tune, Tuned, RCU_EXPEDITED};
+    match tune() {
+        Ok(Tuned::Set) => tracing::info!(
+            "host tuning: set {RCU_EXPEDITED} to 1 (sandboxes start ~50 ms faster; \
+             --no-host-tuning leaves it alone)"
+        ),
+        Ok(Tuned::AlreadySet) => tracing::debug!("host tuning: {RCU_EXPEDITED} is 1 already"),
+        Err(e) => tracing::warn!(
+            "host tuning: cannot set {RCU_EXPEDITED} to 1 ({e}); sandboxes start slower"
+        ),
     }
 }
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 pub mod cgroup;
+pub mod host;
 pub mod net;
 pub use cgroup::{Cgroup, Limits};
 
