@@ -303,13 +303,22 @@ class Daemon:
         t = now()
         while now() - t < timeout:
             c = self.pool_ready()
-            if all(c.get(i, 0) >= n for i, n in self.pool.items()):
+            # Full, and the sandboxes terminated before have finished their
+            # teardowns (network, cgroups: ~15 ms of CPU each), which would
+            # otherwise run beside what is measured next.
+            if all(c.get(i, 0) >= n for i, n in self.pool.items()) and \
+                    self.supervisors() <= sum(self.pool.values()):
                 if not quiet:
                     log(f"pool full {c} after {now() - t:.1f}s")
                 return True
             time.sleep(0.2)
         log(f"pool not full after {timeout}s: {self.pool_ready()}")
         return False
+
+    def supervisors(self):
+        """Live supervisors of this daemon (pool slots included)."""
+        r = subprocess.run(["pgrep", "-fc", f"supervise {self.data}/"], capture_output=True, text=True)
+        return int(r.stdout.strip() or 0)
 
     def stop(self):
         # Terminate what is registered, shut down unclaimed pool slots, stop.
