@@ -500,6 +500,13 @@ impl Agent {
                 return;
             }
         };
+        // Answered first, the setup below overlapping its way to the host:
+        // the next host message (stdin, a signal for this pid) is read only
+        // after this function, so nothing can refer to the process too early.
+        self.writer.send(&AgentMsg::Spawned {
+            pid,
+            os_pid: st.os_pid as u32,
+        });
         let out_pipe = |fd: OwnedFd| {
             sys::set_pipe_size(fd.as_raw_fd(), OUTPUT_PIPE_SIZE);
             OutPipe {
@@ -526,7 +533,7 @@ impl Agent {
             .filter_map(|o| o.fd.as_ref())
             .chain(p.stdin.fd.as_ref())
         {
-            if let Err(e) = sys::set_nonblocking(fd.as_raw_fd()) {
+            if let Err(e) = sys::set_nonblocking_fresh(fd.as_raw_fd()) {
                 self.log(format!("O_NONBLOCK for process {pid}: {}", errstr(&e)));
             }
         }
@@ -535,10 +542,6 @@ impl Agent {
         }
         self.by_os_pid.insert(st.os_pid, pid);
         self.procs.insert(pid, p);
-        self.writer.send(&AgentMsg::Spawned {
-            pid,
-            os_pid: st.os_pid as u32,
-        });
     }
 
     fn pump(&mut self, pid: u32, idx: usize) {

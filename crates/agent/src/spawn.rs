@@ -3,9 +3,9 @@
 //! [`SpawnErrorKind`] and a message a person understands.
 //!
 //! The process is *not* waited for here: the event loop reaps every child with
-//! `waitpid(-1)`. We use glibc's `posix_spawn` (a `vfork`-style clone) rather
-//! than std's `Command`: in a static binary std falls back to a full `fork`,
-//! which costs milliseconds under gVisor. So `argv[0]` is looked up in the
+//! `waitpid(-1)`. We use a `vfork`-style clone ([`sys::spawn`]) rather than
+//! std's `Command`: in a static binary std falls back to a full `fork`, which
+//! costs milliseconds under gVisor. So `argv[0]` is looked up in the
 //! `PATH` of the environment given to the process here, and the child gets an
 //! empty signal mask and default dispositions for every signal.
 
@@ -86,8 +86,10 @@ pub fn start(s: &Spawn) -> Result<Started, Failure> {
         ));
     }
     let cwd = (!s.cwd.is_empty()).then(|| Path::new(OsStr::from_bytes(&s.cwd)));
-    if let Some(dir) = cwd {
-        check_workdir(dir, s.flags & SPAWN_MKDIR_CWD != 0)?;
+    // An existing workdir is not checked here: the child's chdir finds out
+    // (one system call less per spawn), see `sys::SpawnError::Chdir`.
+    if let (Some(dir), true) = (cwd, s.flags & SPAWN_MKDIR_CWD != 0) {
+        check_workdir(dir, true)?;
     }
     let nul = |what: &str| {
         fail(
@@ -106,8 +108,15 @@ pub fn start(s: &Spawn) -> Result<Started, Failure> {
         Some(_) => Some(CString::new(s.cwd.as_slice()).map_err(|_| nul("the workdir"))?),
         None => None,
     };
-    let program = resolve(prog, &s.env, cwd)
-        .map_err(|errno| exec_failure(&shown, cwd, &io::Error::from_raw_os_error(errno)))?;
+    let program = resolve(prog, &s.env, cwd).map_err(|errno| {
+        // A missing workdir is the better explanation, as before any lookup.
+        if let Some(dir) = cwd {
+            if let Err(f) = check_workdir(dir, false) {
+                return f;
+            }
+        }
+        exec_failure(&shown, cwd, &io::Error::from_raw_os_error(errno))
+    })?;
     let program = CString::new(program).map_err(|_| nul("the program"))?;
 
     let other =
@@ -116,8 +125,17 @@ pub fn start(s: &Spawn) -> Result<Started, Failure> {
     let (out_r, out_w) = sys::pipe().map_err(|e| other("pipe", e))?;
     let (err_r, err_w) = sys::pipe().map_err(|e| other("pipe", e))?;
     let child_fds = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
-    let os_pid = sys::posix_spawn(&program, &argv, &env, cwd_c.as_deref(), child_fds)
-        .map_err(|e| exec_failure(&shown, cwd, &e))?;
+    let os_pid =
+        sys::spawn(&program, &argv, &env, cwd_c.as_deref(), child_fds).map_err(|e| match e {
+            sys::SpawnError::Chdir(e) => {
+                let d = cwd.map(|d| d.display().to_string()).unwrap_or_default();
+                fail(
+                    SpawnErrorKind::NoWorkdir,
+                    format!("workdir \"{d}\": {}", errstr(&e)),
+                )
+            }
+            sys::SpawnError::Other(e) => exec_failure(&shown, cwd, &e),
+        })?;
     // The child's ends close here, in the parent.
     drop((in_r, out_w, err_w));
     Ok(Started {
