@@ -787,11 +787,23 @@ class Suite:
     def f2(self, daemon, label):
         n = self.n(50, 10)
         daemon.use()
+        # A single burst's p95 is its 3rd slowest create: on a noisy 2-CPU
+        # host it moves by +-100 ms between runs. The warm pool's bursts are
+        # cheap, so that row pools several (each on a full, settled pool).
+        bursts = self.n(3, 1) if daemon.pool else 1
         for image in ("busybox", "debian-slim"):
-            if daemon.pool:
-                daemon.wait_pool_full()
-            log(f"f2 {label} {image}: {n} creates at once")
-            gw, gw_all = at_once(n, gw_create_first_output, image)
+            gw, alls, p95s = Samples(), [], []
+            for _ in range(bursts):
+                if daemon.pool:
+                    daemon.wait_pool_full()
+                log(f"f2 {label} {image}: {n} creates at once")
+                one, one_all = at_once(n, gw_create_first_output, image)
+                gw.ok += one.ok
+                gw.fail += one.fail
+                gw.errors += one.errors
+                alls.append(one_all or 0)
+                p95s.append((summ(one.ok) or {}).get("p95", 0))
+            gw_all = max(alls)
             if label == "cold" or f"raw50_{image}" not in self.extra:
                 raw, raw_all = at_once(n, self.raw.run_first_output, self.rootfs(image))
                 self.extra[f"raw50_{image}"] = (raw, raw_all)
@@ -810,8 +822,10 @@ class Suite:
             else:
                 met = None
                 target = "(no target cold)"
+            each = (f"; {bursts} bursts pooled, each burst's p95: " + ", ".join(f"{v:.0f}" for v in p95s)
+                    if bursts > 1 else "")
             self.row("f2", f"{n} at once {image} {label}", gw, raw=raw, peers=peers, target=target, met=met,
-                     note=f"all answered: gworker {gw_all or 0:.0f} ms, raw {raw_all or 0:.0f} ms")
+                     note=f"all answered: gworker {gw_all or 0:.0f} ms, raw {raw_all or 0:.0f} ms{each}")
 
     def f3(self):
         runs = self.n(1000, 200)
