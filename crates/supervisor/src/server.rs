@@ -280,6 +280,11 @@ fn unthrottled(limits: &gworker_runtime::Limits) -> gworker_runtime::Limits {
 /// user could see; missing files are skipped.
 const PREFETCH: &[&str] = &[
     "/etc/ld.so.cache",
+    // Read by every dynamic program on debian-slim (its statx fix, and
+    // setlocale for LANG=C.UTF-8).
+    "/etc/ld.so.preload",
+    "/usr/lib/gworker/statx-fix.so",
+    "/usr/lib/locale/locale-archive",
     "/lib64/ld-linux-x86-64.so.2",
     "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
     "/lib/x86_64-linux-gnu/libc.so.6",
