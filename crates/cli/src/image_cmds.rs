@@ -125,10 +125,11 @@ pub fn run(cmd: ImageCmd) -> ExitCode {
     if let ImageCmd::Build(BuildArgs {
         data_dir: Some(dir),
         source,
+        quiet,
         ..
     }) = &cmd
     {
-        return build_offline(dir, source);
+        return build_offline(dir, source, *quiet);
     }
     block_on(async move {
         match cmd {
@@ -225,10 +226,16 @@ fn print_result(info: &ImageInfo, json: bool) {
 }
 
 /// `image build NAME --data-dir DIR`: the built-in image, built in place.
-fn build_offline(data_dir: &Path, name: &str) -> ExitCode {
+fn build_offline(data_dir: &Path, name: &str, quiet: bool) -> ExitCode {
     let store = gworker_images::ImageStore::new(data_dir.join("images"));
-    eprintln!("building {name} (cached after the first build)");
-    match store.ensure(name, &mut |line| eprintln!("    {line}")) {
+    if !quiet {
+        eprintln!("building {name} (cached after the first build)");
+    }
+    match store.ensure(name, &mut |line| {
+        if !quiet {
+            eprintln!("    {line}")
+        }
+    }) {
         Ok(info) => {
             println!("{}", info.rootfs.display());
             ExitCode::SUCCESS

@@ -451,3 +451,28 @@ fn debian_slim_with_apt_and_pip_steps() {
         "42\nsix (3, 11)\n"
     );
 }
+
+/// `image build NAME --data-dir DIR` builds a built-in without a daemon,
+/// prints its rootfs, and prints nothing else with `--quiet`.
+#[test]
+fn offline_build_into_a_data_dir_honours_quiet() {
+    let dir = TempDir(std::env::temp_dir().join(format!("gwc-cli-offline-{}", std::process::id())));
+    let data = path_str(&dir).to_string();
+    let loud = Command::new(BIN)
+        .args(["image", "build", "busybox", "--data-dir", &data])
+        .output()
+        .unwrap();
+    let rootfs = ok(loud.clone(), "image build --data-dir");
+    assert!(
+        stderr(&loud).contains("building busybox"),
+        "{}",
+        stderr(&loud)
+    );
+    assert!(Path::new(rootfs.trim()).join("bin/sh").exists(), "{rootfs}");
+    let quiet = Command::new(BIN)
+        .args(["image", "build", "busybox", "--data-dir", &data, "--quiet"])
+        .output()
+        .unwrap();
+    assert_eq!(ok(quiet.clone(), "image build --data-dir --quiet"), rootfs);
+    assert_eq!(stderr(&quiet), "", "--quiet printed progress");
+}
