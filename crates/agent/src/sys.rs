@@ -252,12 +252,12 @@ pub fn executable(path: &std::path::Path) -> bool {
 /// at its default disposition. Exec errors come back as the error.
 ///
 /// A `vfork`-style clone (shared memory, the parent waits until the child has
-/// exec'd) like glibc's `posix_spawn`, but the child makes ~8 system calls
+/// exec'd) like glibc's `posix_spawn`, but the child makes ~10 system calls
 /// where glibc's makes ~72: glibc resets the disposition of all 64 signals
 /// one `rt_sigaction` at a time, while this child resets only those the agent
 /// does not leave at the default (found once, [`non_default_signals`]). Under
 /// gVisor's ptrace platform every system call is a round trip through the
-/// sentry, so this is ~0.5 ms of each spawn.
+/// sentry (bench/RESULTS.md, session 6: exec round trip 4.2 -> 3.4 ms).
 pub fn spawn(
     program: &std::ffi::CStr,
     argv: &[std::ffi::CString],
@@ -290,8 +290,7 @@ pub fn spawn(
     // Block every signal around the clone: the child shares our memory and
     // must not run one of our handlers before it has reset them. It unblocks
     // signals (an empty mask) just before execve.
-    let mut all = [0u64; 1];
-    all[0] = !0;
+    let all: u64 = !0;
     let mut old = 0u64;
     // SAFETY: rt_sigprocmask with valid 8-byte sets; the old mask is restored
     // below on every path. `child` only reads `args` (alive until after the
@@ -301,7 +300,7 @@ pub fn spawn(
         libc::syscall(
             libc::SYS_rt_sigprocmask,
             libc::SIG_SETMASK,
-            all.as_ptr(),
+            &all,
             &mut old,
             8,
         );
