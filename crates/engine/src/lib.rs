@@ -432,14 +432,21 @@ impl Engine {
 
     /// Waits until the sandbox's supervisor exists; errors if it failed to start.
     async fn up(&self, id: &str) -> Result<Arc<Live>> {
-        let row = self.row(id)?;
-        let live = self.live(id).ok_or_else(|| EngineError::Coded {
-            code: ErrorCode::SandboxNotRunning,
-            message: format!(
-                "sandbox {id} is not running ({})",
-                row.reason.as_deref().unwrap_or("exited")
-            ),
-        })?;
+        // The registry is read only to explain a missing supervisor (a live
+        // one means the id is known): one query less on every exec and wait.
+        let live = match self.live(id) {
+            Some(live) => live,
+            None => {
+                let row = self.row(id)?;
+                return Err(EngineError::Coded {
+                    code: ErrorCode::SandboxNotRunning,
+                    message: format!(
+                        "sandbox {id} is not running ({})",
+                        row.reason.as_deref().unwrap_or("exited")
+                    ),
+                });
+            }
+        };
         let mut rx = live.ready.clone();
         let r = rx
             .wait_for(|r| *r != Ready::Pending)

@@ -156,17 +156,16 @@ impl Registry {
     pub fn get_sandbox(&self, id: &str) -> Result<Option<SandboxRow>, RegistryError> {
         Ok(self
             .conn()
-            .query_row(
-                &format!("SELECT {SANDBOX_COLS} FROM sandboxes WHERE id = ?1"),
-                [id],
-                row_to_sandbox,
-            )
+            .prepare_cached(&format!(
+                "SELECT {SANDBOX_COLS} FROM sandboxes WHERE id = ?1"
+            ))?
+            .query_row([id], row_to_sandbox)
             .optional()?)
     }
 
     pub fn list_sandboxes(&self) -> Result<Vec<SandboxRow>, RegistryError> {
         let conn = self.conn();
-        let mut st = conn.prepare(&format!(
+        let mut st = conn.prepare_cached(&format!(
             "SELECT {SANDBOX_COLS} FROM sandboxes ORDER BY created_at"
         ))?;
         let rows = st
@@ -176,10 +175,9 @@ impl Registry {
     }
 
     pub fn set_state(&self, id: &str, state: &str) -> Result<(), RegistryError> {
-        self.conn().execute(
-            "UPDATE sandboxes SET state = ?2 WHERE id = ?1 AND state != 'exited'",
-            params![id, state],
-        )?;
+        self.conn()
+            .prepare_cached("UPDATE sandboxes SET state = ?2 WHERE id = ?1 AND state != 'exited'")?
+            .execute(params![id, state])?;
         Ok(())
     }
 
@@ -208,11 +206,12 @@ impl Registry {
     }
 
     pub fn upsert_process(&self, p: &ProcessRow) -> Result<(), RegistryError> {
-        self.conn().execute(
-            "INSERT INTO processes (sandbox_id, process_id, cmd, started_at, exit_code) VALUES (?1,?2,?3,?4,?5)
-             ON CONFLICT(sandbox_id, process_id) DO UPDATE SET exit_code = COALESCE(processes.exit_code, excluded.exit_code)",
-            params![p.sandbox_id, p.process_id, json_list(&p.cmd), p.started_at, p.exit_code],
-        )?;
+        self.conn()
+            .prepare_cached(
+                "INSERT INTO processes (sandbox_id, process_id, cmd, started_at, exit_code) VALUES (?1,?2,?3,?4,?5)
+                 ON CONFLICT(sandbox_id, process_id) DO UPDATE SET exit_code = COALESCE(processes.exit_code, excluded.exit_code)",
+            )?
+            .execute(params![p.sandbox_id, p.process_id, json_list(&p.cmd), p.started_at, p.exit_code])?;
         Ok(())
     }
 
@@ -222,10 +221,11 @@ impl Registry {
         process_id: u32,
         exit_code: Option<i32>,
     ) -> Result<(), RegistryError> {
-        self.conn().execute(
-            "UPDATE processes SET exit_code = COALESCE(exit_code, ?3) WHERE sandbox_id = ?1 AND process_id = ?2",
-            params![sandbox_id, process_id, exit_code],
-        )?;
+        self.conn()
+            .prepare_cached(
+                "UPDATE processes SET exit_code = COALESCE(exit_code, ?3) WHERE sandbox_id = ?1 AND process_id = ?2",
+            )?
+            .execute(params![sandbox_id, process_id, exit_code])?;
         Ok(())
     }
 
@@ -276,18 +276,19 @@ impl Registry {
     ) -> Result<Option<i32>, RegistryError> {
         Ok(self
             .conn()
-            .query_row(
+            .prepare_cached(
                 "SELECT exit_code FROM processes WHERE sandbox_id = ?1 AND process_id = ?2",
-                params![sandbox_id, process_id],
-                |r| r.get::<_, Option<i32>>(0),
-            )
+            )?
+            .query_row(params![sandbox_id, process_id], |r| {
+                r.get::<_, Option<i32>>(0)
+            })
             .optional()?
             .flatten())
     }
 
     pub fn processes(&self, sandbox_id: &str) -> Result<Vec<ProcessRow>, RegistryError> {
         let conn = self.conn();
-        let mut st = conn.prepare(
+        let mut st = conn.prepare_cached(
             "SELECT sandbox_id, process_id, cmd, started_at, exit_code FROM processes WHERE sandbox_id = ?1 ORDER BY process_id",
         )?;
         let rows = st
