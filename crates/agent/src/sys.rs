@@ -290,39 +290,24 @@ pub fn spawn(
     // Block every signal around the clone: the child shares our memory and
     // must not run one of our handlers before it has reset them. It unblocks
     // signals (an empty mask) just before execve.
-    let all: u64 = !0;
-    let mut old = 0u64;
-    // SAFETY: rt_sigprocmask with valid 8-byte sets; the old mask is restored
-    // below on every path. `child` only reads `args` (alive until after the
-    // clone returns: CLONE_VFORK suspends us until the child exec'd or
-    // exited) and writes its atomic `errno`.
+    // The old mask is restored below on every path.
+    let old = swap_sigmask(!0);
+    // SAFETY: `child` only reads `args` (alive until after the clone returns:
+    // CLONE_VFORK suspends us until the child exec'd or exited) and writes
+    // its atomics.
     let pid = unsafe {
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            &all,
-            &mut old,
-            8,
-        );
-        let pid = libc::clone(
+        libc::clone(
             child,
             top,
             libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
             &args as *const ChildArgs as *mut libc::c_void,
-        );
-        let err = io::Error::last_os_error();
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            &old,
-            std::ptr::null_mut::<u64>(),
-            8,
-        );
-        if pid < 0 {
-            return Err(SpawnError::Other(err));
-        }
-        pid
+        )
     };
+    let err = io::Error::last_os_error();
+    swap_sigmask(old);
+    if pid < 0 {
+        return Err(SpawnError::Other(err));
+    }
     drop(stack);
     let errno = args.errno.load(std::sync::atomic::Ordering::SeqCst);
     if errno != 0 {
@@ -420,17 +405,28 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
         if libc::setpgid(0, 0) != 0 {
             fail(a);
         }
-        let none = 0u64;
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            &none,
-            std::ptr::null_mut::<u64>(),
-            8,
-        );
+        swap_sigmask(0);
         libc::execve(a.program, a.argv, a.envp);
         fail(a)
     }
+}
+
+/// Sets this thread's signal mask to `mask` and returns the old one: raw
+/// `rt_sigprocmask`, which also covers the signals glibc keeps for itself
+/// (32, 33). One system call, so [`child`] may use it.
+fn swap_sigmask(mask: u64) -> u64 {
+    let mut old = 0u64;
+    // SAFETY: both sets are valid 8-byte kernel sigsets.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &mask,
+            &mut old,
+            8,
+        )
+    };
+    old
 }
 
 /// Signals whose disposition in the agent is not the default (a handler, or
