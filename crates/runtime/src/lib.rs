@@ -332,7 +332,6 @@ pub fn write_bundle(dir: &Path, spec: &BundleSpec) -> Result<(), RuntimeError> {
     std::fs::write(dir.join("config.json"), body).map_err(err)
 }
 
-/// Finds the runsc binary: `$GWORKER_RUNSC`, else `runsc` on PATH, else /usr/bin/runsc.
 /// A limit in whole seconds: `var` when the environment sets it to a
 /// number (at least 1), else `default_secs`. Tests shorten gworker's
 /// watchdogs this way.
@@ -344,6 +343,7 @@ pub fn env_secs(var: &str, default_secs: u64) -> std::time::Duration {
     std::time::Duration::from_secs(secs.max(1))
 }
 
+/// Finds the runsc binary: `$GWORKER_RUNSC`, else `runsc` on PATH, else /usr/bin/runsc.
 pub fn find_runsc() -> PathBuf {
     if let Some(p) = std::env::var_os("GWORKER_RUNSC") {
         return PathBuf::from(p);
