@@ -64,13 +64,22 @@ def rcu_expedited():
 
 
 def apply_host_tuning(on):
+    """Sets the switch for this run; returns what it was."""
     global HOST_TUNING
     HOST_TUNING = on
+    before = rcu_expedited()
+    set_rcu_expedited("1" if on else "0")
+    return before
+
+
+def set_rcu_expedited(value):
     try:
         with open(RCU_EXPEDITED, "w") as f:
-            f.write("1" if on else "0")
+            f.write(value)
     except OSError as e:
         log(f"cannot set {RCU_EXPEDITED}: {e}")
+
+
 ALL = ["f1", "f2", "f3", "f4", "f5", "f6", "f7"]
 
 
@@ -1430,7 +1439,8 @@ def main():
     ap.add_argument("--only", default=",".join(ALL), help="comma-separated figures, e.g. f1,f3")
     ap.add_argument("--render", metavar="JSON", help="only print the table of an earlier run's JSON")
     ap.add_argument("--no-host-tuning", action="store_true",
-                    help=f"run raw runsc and gworker with {RCU_EXPEDITED} = 0 (the daemon's default sets it to 1)")
+                    help=f"run raw runsc and gworker with {RCU_EXPEDITED} = 0 (the daemon's default sets it "
+                         "to 1); the setting is restored afterwards")
     a = ap.parse_args()
     if a.render:
         d = json.load(open(a.render))
@@ -1445,7 +1455,8 @@ def main():
         sys.exit(f"unknown figure(s) {bad}; known: {ALL}")
     if os.geteuid() != 0:
         sys.exit("runs runsc directly: run as root")
-    apply_host_tuning(not a.no_host_tuning)
+    rcu_before = apply_host_tuning(not a.no_host_tuning)
+    rcu_during = rcu_expedited()
     tmp = tempfile.mkdtemp(prefix="gw-suite-", dir="/tmp")
     s = Suite(a, tmp)
     t = now()
@@ -1453,8 +1464,12 @@ def main():
         s.run(only)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        # An untuned run leaves the host as it found it (a tuned one leaves
+        # it as any gworker daemon would).
+        if a.no_host_tuning and rcu_before in ("0", "1"):
+            set_rcu_expedited(rcu_before)
     print(f"gworker benchmark suite ({'quick' if a.quick else 'full'}), {s.started}, "
-          f"{os.cpu_count()} CPUs, load at start {s.load0[0]:.2f}, {RCU_EXPEDITED} = {rcu_expedited()}, "
+          f"{os.cpu_count()} CPUs, load at start {s.load0[0]:.2f}, {RCU_EXPEDITED} = {rcu_during}, "
           f"took {now() - t:.0f} s")
     print("ratio = gworker p50 / raw baseline p50 (same run); peers: podman with that OCI runtime\n")
     print(table(s.rows))
