@@ -45,6 +45,16 @@ def test_exec_into_missing_workdir(running_sandbox):
     assert run(running_sandbox, "test -e /does/not/exist || echo absent")[1] == "absent\n"
 
 
+def test_exec_into_a_workdir_that_is_a_file(running_sandbox):
+    # Found by the agent's spawn child (its chdir), not by a check before.
+    run(running_sandbox, "echo x > /tmp/plain-file")
+    with pytest.raises(WorkdirNotFoundError) as info:
+        running_sandbox.exec(["pwd"], workdir="/tmp/plain-file")
+    assert info.value.code == "workdir_not_found" and info.value.status == 404
+    assert "/tmp/plain-file" in str(info.value) and "not a directory" in str(info.value), str(info.value)
+    assert run(running_sandbox, ["echo", "still fine"])[1] == "still fine\n"
+
+
 def test_exec_missing_program(running_sandbox):
     with pytest.raises(CommandNotFoundError) as info:
         running_sandbox.exec(["/no/such/program", "arg"])
