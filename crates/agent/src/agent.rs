@@ -5,7 +5,7 @@
 //! credit), each process's stdin (written without ever blocking), and SIGCHLD
 //! through a signalfd, after which it reaps with `waitpid(-1)` — orphans
 //! re-parented to the agent included. Frames to the host go through the
-//! [`Writer`] thread, the only owner of fd 1.
+//! [`Writer`], the only user of fd 1.
 //!
 //! Because spawning and reaping happen on this one thread, a process that ends
 //! before it is registered cannot be missed: its SIGCHLD waits in the signalfd
@@ -271,8 +271,9 @@ pub struct Agent {
     host_fd: RawFd,
     sigchld: OwnedFd,
     _writer_dead: OwnedFd,
-    /// When fd 0 cannot be polled: the read end of a pipe a thread copies it into.
-    _host_pipe: Option<OwnedFd>,
+    /// Once fd 0 is no longer polled: the read end of the pipe a thread copies
+    /// it into (see `thread_host_reads`).
+    host_pipe: Option<OwnedFd>,
     procs: HashMap<u32, Proc>,
     by_os_pid: HashMap<i32, u32>,
     inbuf: Vec<u8>,
@@ -315,32 +316,22 @@ pub fn run() -> ! {
             TOK_WRITER_DEAD,
         )
         .unwrap_or_else(|e| fatal("epoll add eventfd", e));
-    // fd 0 is a host pipe. It is not polled directly: after a checkpoint is
-    // restored, this gVisor (20221219) delivers one epoll event for a host fd
-    // and then no more, while blocking reads keep working. So a thread copies
-    // it with blocking reads into a sandbox-internal pipe, which polls fine.
-    let (host_fd, host_pipe) = {
-        {
-            let (r, w) = sys::pipe().unwrap_or_else(|e| fatal("pipe", e));
-            sys::set_nonblocking(r.as_raw_fd()).unwrap_or_else(|e| fatal("O_NONBLOCK", e));
-            std::thread::Builder::new()
-                .name("host-reader".into())
-                .spawn(move || copy_stdin_to(w))
-                .unwrap_or_else(|e| fatal("reader thread", e));
-            epoll
-                .add(r.as_raw_fd(), in_ev, TOK_HOST)
-                .unwrap_or_else(|e| fatal("epoll add host pipe", e));
-            (r.as_raw_fd(), Some(r))
-        }
-    };
+    // fd 0 (a host pipe) is polled directly until the first checkpoint: see
+    // `Agent::thread_host_reads`.
+    epoll
+        .add(0, in_ev, TOK_HOST)
+        .unwrap_or_else(|e| fatal("epoll add fd 0", e));
+    // While the host answers Hello: what a spawn needs to know, found now
+    // rather than in a sandbox's first exec.
+    sys::prepare_spawn();
 
     let agent = Agent {
         epoll,
         writer,
-        host_fd,
+        host_fd: 0,
         sigchld,
         _writer_dead: writer_dead,
-        _host_pipe: host_pipe,
+        host_pipe: None,
         procs: HashMap::new(),
         by_os_pid: HashMap::new(),
         inbuf: Vec::with_capacity(HOST_READ),
@@ -472,9 +463,47 @@ impl Agent {
                 set_interest(&self.epoll, pid, idx, o);
             }
             HostMsg::Ping { seq } => self.writer.send(&AgentMsg::Pong { seq }),
-            HostMsg::Quiesce => self.writer.quiesce(),
+            HostMsg::Quiesce => {
+                self.thread_host_reads();
+                self.writer.quiesce();
+            }
             HostMsg::Resume => self.writer.resume(),
             HostMsg::Prefetch { paths } => prefetch(paths),
+        }
+    }
+
+    /// From now on a thread reads fd 0 with blocking reads and copies it into
+    /// a sandbox-internal pipe, which the loop polls instead. After a
+    /// checkpoint is restored, this gVisor (20221219) delivers one epoll event
+    /// for a host fd and then no more, while blocking reads keep working. The
+    /// switch happens at `Quiesce`, before every checkpoint, so any sandbox
+    /// that may be restored has it; until then fd 0 is polled directly, which
+    /// spares every message a hand-over between threads.
+    fn thread_host_reads(&mut self) {
+        if self.host_pipe.is_some() {
+            return;
+        }
+        if let Err(e) = self.epoll.delete(0) {
+            self.shutdown(&format!("epoll delete fd 0: {}", errstr(&e)));
+        }
+        let setup = sys::pipe().and_then(|(r, w)| {
+            sys::set_nonblocking(r.as_raw_fd())?;
+            self.epoll.add(
+                r.as_raw_fd(),
+                (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
+                TOK_HOST,
+            )?;
+            std::thread::Builder::new()
+                .name("host-reader".into())
+                .spawn(move || copy_stdin_to(w))?;
+            Ok(r)
+        });
+        match setup {
+            Ok(r) => {
+                self.host_fd = r.as_raw_fd();
+                self.host_pipe = Some(r);
+            }
+            Err(e) => self.shutdown(&format!("starting the host reader: {}", errstr(&e))),
         }
     }
 

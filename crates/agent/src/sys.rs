@@ -432,6 +432,12 @@ fn swap_sigmask(mask: u64) -> u64 {
 /// Signals whose disposition in the agent is not the default (a handler, or
 /// ignored: std ignores SIGPIPE), found once. A spawned child resets these;
 /// the others are at the default already, and exec keeps it so.
+/// Does now what the first [`spawn`] would otherwise do (a query per signal).
+/// Call it once the agent has set up its own signal handling.
+pub fn prepare_spawn() {
+    non_default_signals();
+}
+
 fn non_default_signals() -> &'static [libc::c_int] {
     static SIGNALS: std::sync::OnceLock<Vec<libc::c_int>> = std::sync::OnceLock::new();
     SIGNALS.get_or_init(|| {

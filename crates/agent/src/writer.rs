@@ -1,15 +1,25 @@
-//! The only owner of fd 1 (agent → host frames).
+//! The only way to fd 1 (agent → host frames).
 //!
-//! Everyone else hands it encoded frames through a channel; it writes whatever
-//! has queued up with one `writev`. Memory is bounded by the protocol, not here:
-//! `Output` bytes in flight never exceed the credit the host granted, and every
-//! other message is small and answers something the host sent.
+//! Frames queue up and a thread writes whatever has gathered with one
+//! `writev`, so that the event loop never waits on a full pipe while it could
+//! be reading the processes' output. A small frame sent while nothing is
+//! queued or being written goes out at once from the caller's thread instead:
+//! under gVisor, handing it to the thread (a futex wake, a context switch in
+//! the sentry) costs more than the write, and `Spawned`, `Exited` and a short
+//! output are exactly what a caller is waiting for. The order of frames is the
+//! order of the calls either way: a direct write happens only when nothing
+//! sent earlier is still pending, and holds the lock while it writes.
 //!
-//! On a write error (the host went away) it signals `dead_fd` and stops; the
-//! event loop then ends the sandbox.
+//! Memory is bounded by the protocol, not here: `Output` bytes in flight never
+//! exceed the credit the host granted, and every other message is small and
+//! answers something the host sent.
+//!
+//! On a write error (the host went away) `dead_fd` is signalled and nothing
+//! more is written; the event loop then ends the sandbox.
 
+use std::collections::VecDeque;
 use std::os::fd::RawFd;
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use gworker_proto::AgentMsg;
 
@@ -18,30 +28,53 @@ use crate::sys;
 /// Most frames and bytes gathered into one `writev`.
 const BATCH_FRAMES: usize = 256;
 const BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Largest frame written directly by the sender (a quarter of a default pipe).
+const DIRECT_MAX: usize = 16 * 1024;
 
-enum Item {
-    Frame(Vec<u8>),
-    /// Write everything before this, then `Quiesced`, then hold frames.
-    Quiesce,
-    /// Write what was held and carry on.
-    Resume,
+struct State {
+    queue: VecDeque<Vec<u8>>,
+    /// Frames sent while quiesced, written after `resume`.
+    held: VecDeque<Vec<u8>>,
+    quiesced: bool,
+    /// The thread is writing a batch taken from `queue`.
+    busy: bool,
+    failed: bool,
+}
+
+struct Inner {
+    fd: RawFd,
+    dead_fd: RawFd,
+    st: Mutex<State>,
+    work: Condvar,
 }
 
 /// A cheap handle for sending frames to the host.
 #[derive(Clone)]
 pub struct Writer {
-    tx: Sender<Item>,
+    inner: Arc<Inner>,
 }
 
 impl Writer {
     /// Starts the writer thread on `fd`; `dead_fd` (an eventfd) is signalled if
     /// writing fails.
     pub fn start(fd: RawFd, dead_fd: RawFd) -> std::io::Result<Writer> {
-        let (tx, rx) = channel();
+        let inner = Arc::new(Inner {
+            fd,
+            dead_fd,
+            st: Mutex::new(State {
+                queue: VecDeque::new(),
+                held: VecDeque::new(),
+                quiesced: false,
+                busy: false,
+                failed: false,
+            }),
+            work: Condvar::new(),
+        });
+        let thread = inner.clone();
         std::thread::Builder::new()
             .name("host-writer".into())
-            .spawn(move || run(fd, rx, dead_fd))?;
-        Ok(Writer { tx })
+            .spawn(move || run(&thread))?;
+        Ok(Writer { inner })
     }
 
     pub fn send(&self, msg: &AgentMsg) {
@@ -52,84 +85,179 @@ impl Writer {
 
     /// Sends an already-encoded frame.
     pub fn send_frame(&self, frame: Vec<u8>) {
-        // The receiver only goes away after a write error, when the event loop
-        // is about to end the process anyway.
-        let _ = self.tx.send(Item::Frame(frame));
+        let mut st = self.inner.lock();
+        if st.failed {
+            return;
+        }
+        if st.quiesced {
+            st.held.push_back(frame);
+        } else if !st.busy && st.queue.is_empty() && frame.len() <= DIRECT_MAX {
+            let r = sys::write_all_vectored(self.inner.fd, std::slice::from_ref(&frame));
+            if let Err(e) = r {
+                self.inner.fail(&mut st, e);
+            }
+        } else {
+            st.queue.push_back(frame);
+            self.inner.work.notify_one();
+        }
     }
 
-    /// See `HostMsg::Quiesce`: frames sent after this are held until `resume`.
+    /// See `HostMsg::Quiesce`: everything sent before is written, then
+    /// `Quiesced`; frames sent after this are held until `resume`.
     pub fn quiesce(&self) {
-        let _ = self.tx.send(Item::Quiesce);
+        let mut st = self.inner.lock();
+        if !st.quiesced {
+            let mut f = Vec::new();
+            AgentMsg::Quiesced.encode(&mut f);
+            st.queue.push_back(f);
+            st.quiesced = true;
+            self.inner.work.notify_one();
+        }
     }
 
     pub fn resume(&self) {
-        let _ = self.tx.send(Item::Resume);
+        let mut st = self.inner.lock();
+        st.quiesced = false;
+        let held = std::mem::take(&mut st.held);
+        st.queue.extend(held);
+        self.inner.work.notify_one();
     }
 }
 
-fn run(fd: RawFd, rx: Receiver<Item>, dead_fd: RawFd) {
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fail(&self, st: &mut State, e: std::io::Error) {
+        eprintln!(
+            "gworker-agent: writing to the host failed: {}",
+            sys::errstr(&e)
+        );
+        st.failed = true;
+        st.queue.clear();
+        st.held.clear();
+        sys::eventfd_signal(self.dead_fd);
+    }
+}
+
+fn run(inner: &Inner) {
     let mut batch: Vec<Vec<u8>> = Vec::with_capacity(BATCH_FRAMES);
-    // Frames held while quiesced (bounded by credit, like everything else).
-    let mut held: std::collections::VecDeque<Vec<u8>> = std::collections::VecDeque::new();
-    let mut quiesced = false;
+    let mut st = inner.lock();
     loop {
-        // Gather a batch: held frames first once resumed, then the queue.
+        while st.queue.is_empty() && !st.failed {
+            st = inner.work.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        if st.failed {
+            return;
+        }
         let mut bytes = 0;
-        while !quiesced && batch.len() < BATCH_FRAMES && bytes < BATCH_BYTES {
-            let Some(f) = held.pop_front() else { break };
+        while batch.len() < BATCH_FRAMES && bytes < BATCH_BYTES {
+            let Some(f) = st.queue.pop_front() else { break };
             bytes += f.len();
             batch.push(f);
         }
-        if batch.is_empty() {
-            match rx.recv() {
-                Ok(item) => handle_item(item, &mut batch, &mut held, &mut quiesced, &mut bytes),
-                Err(_) => return,
-            }
-        }
-        while batch.len() < BATCH_FRAMES && bytes < BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(item) => handle_item(item, &mut batch, &mut held, &mut quiesced, &mut bytes),
-                Err(_) => break,
-            }
-        }
-        if batch.is_empty() {
-            continue;
-        }
-        if let Err(e) = sys::write_all_vectored(fd, &batch) {
-            eprintln!(
-                "gworker-agent: writing to the host failed: {}",
-                sys::errstr(&e)
-            );
-            sys::eventfd_signal(dead_fd);
+        st.busy = true;
+        drop(st);
+        let r = sys::write_all_vectored(inner.fd, &batch);
+        batch.clear();
+        st = inner.lock();
+        st.busy = false;
+        if let Err(e) = r {
+            inner.fail(&mut st, e);
             return;
         }
-        batch.clear();
     }
 }
 
-fn handle_item(
-    item: Item,
-    batch: &mut Vec<Vec<u8>>,
-    held: &mut std::collections::VecDeque<Vec<u8>>,
-    quiesced: &mut bool,
-    bytes: &mut usize,
-) {
-    match item {
-        // Behind held frames, to keep the order.
-        Item::Frame(f) if *quiesced || !held.is_empty() => held.push_back(f),
-        Item::Frame(f) => {
-            *bytes += f.len();
-            batch.push(f);
-        }
-        Item::Quiesce => {
-            if !*quiesced {
-                let mut f = Vec::new();
-                AgentMsg::Quiesced.encode(&mut f);
-                *bytes += f.len();
-                batch.push(f);
-                *quiesced = true;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gworker_proto::Stream;
+    use std::os::fd::{AsRawFd, OwnedFd};
+
+    fn encode(m: &AgentMsg) -> Vec<u8> {
+        let mut f = Vec::new();
+        m.encode(&mut f);
+        f
+    }
+
+    /// Reads `want` bytes on another thread (the frames do not fit in a pipe).
+    fn reader(r: OwnedFd, want: usize) -> std::thread::JoinHandle<Vec<AgentMsg>> {
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 1 << 20];
+            while got.len() < want {
+                let n = sys::read(r.as_raw_fd(), &mut buf).unwrap();
+                assert!(n > 0, "the writer's pipe closed early");
+                got.extend_from_slice(&buf[..n]);
             }
+            let mut out = Vec::new();
+            let mut bytes = &got[..];
+            while !bytes.is_empty() {
+                let len = u32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
+                out.push(AgentMsg::decode(&bytes[4..4 + len]).unwrap());
+                bytes = &bytes[4 + len..];
+            }
+            out
+        })
+    }
+
+    fn readable(fd: RawFd) -> bool {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+    }
+
+    fn output(i: u32, len: usize) -> AgentMsg {
+        AgentMsg::Output {
+            pid: i,
+            stream: Stream::Stdout,
+            data: vec![i as u8; len],
         }
-        Item::Resume => *quiesced = false,
+    }
+
+    /// Small frames (written directly) and large ones (queued for the thread)
+    /// reach the host in the order they were sent.
+    #[test]
+    fn frames_keep_their_order_direct_or_queued() {
+        let (r, w) = sys::pipe().unwrap();
+        let dead = sys::eventfd().unwrap();
+        let writer = Writer::start(w.as_raw_fd(), dead.as_raw_fd()).unwrap();
+        let sent: Vec<AgentMsg> = (0..300u32)
+            .map(|i| output(i, if i % 7 == 0 { 100 * 1024 } else { 10 }))
+            .collect();
+        let total = sent.iter().map(|m| encode(m).len()).sum();
+        let got = reader(r, total);
+        for m in &sent {
+            writer.send(m);
+        }
+        assert_eq!(got.join().unwrap(), sent);
+    }
+
+    /// Frames sent while quiesced come after `Quiesced`, and only once resumed.
+    #[test]
+    fn quiesce_holds_later_frames_until_resume() {
+        let (r, w) = sys::pipe().unwrap();
+        let dead = sys::eventfd().unwrap();
+        let writer = Writer::start(w.as_raw_fd(), dead.as_raw_fd()).unwrap();
+        let before = output(1, 10);
+        let after = output(2, 10);
+        writer.send(&before);
+        writer.quiesce();
+        writer.send(&after);
+        let first = encode(&before).len() + encode(&AgentMsg::Quiesced).len();
+        assert_eq!(
+            reader(r.try_clone().unwrap(), first).join().unwrap(),
+            vec![before, AgentMsg::Quiesced]
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!readable(r.as_raw_fd()), "a held frame was written");
+        writer.resume();
+        assert_eq!(reader(r, encode(&after).len()).join().unwrap(), vec![after]);
     }
 }
