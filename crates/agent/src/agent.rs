@@ -38,8 +38,11 @@ const SLOT_STDIN: u64 = 2;
 const HOST_READ: usize = 256 * 1024;
 /// Reads per stream when draining a process that just exited.
 const DRAIN_READS: usize = 64;
-/// Pipe buffer asked for each output pipe (best effort; the default is 64 KiB).
+/// Pipe buffer asked for an output pipe once a read finds it full (best
+/// effort; the default is 64 KiB, and most commands never fill it, so the
+/// two `fcntl`s are not spent on every spawn).
 const OUTPUT_PIPE_SIZE: usize = 1024 * 1024;
+const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
 
 const STREAMS: [Stream; 2] = [Stream::Stdout, Stream::Stderr];
 
@@ -78,6 +81,8 @@ struct OutPipe {
     /// Bytes we may still send (u64: repeated credits cannot overflow).
     credit: u64,
     interest: Interest,
+    /// Asked for `OUTPUT_PIPE_SIZE` already.
+    enlarged: bool,
 }
 
 /// Our write end of a process's stdin.
@@ -188,6 +193,10 @@ fn pump_out(
             Pumped::Closed
         }
         Ok(n) => {
+            if n >= DEFAULT_PIPE_SIZE && !p.enlarged {
+                sys::set_pipe_size(fd, OUTPUT_PIPE_SIZE);
+                p.enlarged = true;
+            }
             p.credit -= n as u64;
             writer.send_frame(output_frame(pid, stream, &scratch[..n]));
             if p.credit == 0 {
@@ -369,6 +378,7 @@ impl Agent {
                 Ok(n) => n,
                 Err(e) => self.shutdown(&format!("epoll_wait failed: {}", errstr(&e))),
             };
+            self.writer.gather();
             for ev in &events[..n] {
                 let tok = ev.u64;
                 match tok {
@@ -392,6 +402,7 @@ impl Agent {
                     }
                 }
             }
+            self.writer.flush();
         }
     }
 
@@ -536,13 +547,13 @@ impl Agent {
             pid,
             os_pid: st.os_pid as u32,
         });
-        let out_pipe = |fd: OwnedFd| {
-            sys::set_pipe_size(fd.as_raw_fd(), OUTPUT_PIPE_SIZE);
-            OutPipe {
-                fd: Some(fd),
-                credit: u64::from(INITIAL_WINDOW),
-                interest: Interest::Unregistered,
-            }
+        self.writer.flush();
+        self.writer.gather();
+        let out_pipe = |fd: OwnedFd| OutPipe {
+            fd: Some(fd),
+            credit: u64::from(INITIAL_WINDOW),
+            interest: Interest::Unregistered,
+            enlarged: false,
         };
         let mut p = Proc {
             os_pid: st.os_pid,

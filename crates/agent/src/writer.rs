@@ -8,7 +8,10 @@
 //! the sentry) costs more than the write, and `Spawned`, `Exited` and a short
 //! output are exactly what a caller is waiting for. The order of frames is the
 //! order of the calls either way: a direct write happens only when nothing
-//! sent earlier is still pending, and holds the lock while it writes.
+//! sent earlier is still pending, and holds the lock while it writes. Between
+//! [`Writer::gather`] and [`Writer::flush`] (one turn of the event loop) such
+//! frames are gathered and written together: a process's Eof, Eof and Exited
+//! cost one write and wake the supervisor once.
 //!
 //! Memory is bounded by the protocol, not here: `Output` bytes in flight never
 //! exceed the credit the host granted, and every other message is small and
@@ -30,9 +33,15 @@ const BATCH_FRAMES: usize = 256;
 const BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Largest frame written directly by the sender (a quarter of a default pipe).
 const DIRECT_MAX: usize = 16 * 1024;
+/// Most bytes gathered for one direct write.
+const GATHER_MAX: usize = 64 * 1024;
 
 struct State {
     queue: VecDeque<Vec<u8>>,
+    /// Small frames to write directly at `flush`, and their bytes.
+    gathered: Vec<Vec<u8>>,
+    gathered_bytes: usize,
+    gathering: bool,
     /// Frames sent while quiesced, written after `resume`.
     held: VecDeque<Vec<u8>>,
     quiesced: bool,
@@ -63,6 +72,9 @@ impl Writer {
             dead_fd,
             st: Mutex::new(State {
                 queue: VecDeque::new(),
+                gathered: Vec::new(),
+                gathered_bytes: 0,
+                gathering: false,
                 held: VecDeque::new(),
                 quiesced: false,
                 busy: false,
@@ -91,13 +103,42 @@ impl Writer {
         }
         if st.quiesced {
             st.held.push_back(frame);
-        } else if !st.busy && st.queue.is_empty() && frame.len() <= DIRECT_MAX {
-            let r = sys::write_all_vectored(self.inner.fd, std::slice::from_ref(&frame));
-            if let Err(e) = r {
-                self.inner.fail(&mut st, e);
-            }
+            return;
+        }
+        let direct = !st.busy
+            && st.queue.is_empty()
+            && frame.len() <= DIRECT_MAX
+            && st.gathered_bytes + frame.len() <= GATHER_MAX;
+        if direct && st.gathering {
+            st.gathered_bytes += frame.len();
+            st.gathered.push(frame);
+        } else if direct {
+            self.inner.write_now(&mut st, std::slice::from_ref(&frame));
         } else {
+            st.queue_gathered();
             st.queue.push_back(frame);
+            self.inner.work.notify_one();
+        }
+    }
+
+    /// Gathers small frames until [`flush`](Self::flush).
+    pub fn gather(&self) {
+        self.inner.lock().gathering = true;
+    }
+
+    /// Writes what was gathered, and stops gathering.
+    pub fn flush(&self) {
+        let mut st = self.inner.lock();
+        st.gathering = false;
+        if st.gathered.is_empty() {
+            return;
+        }
+        if !st.busy && st.queue.is_empty() {
+            let frames = std::mem::take(&mut st.gathered);
+            st.gathered_bytes = 0;
+            self.inner.write_now(&mut st, &frames);
+        } else {
+            st.queue_gathered();
             self.inner.work.notify_one();
         }
     }
@@ -107,6 +148,7 @@ impl Writer {
     pub fn quiesce(&self) {
         let mut st = self.inner.lock();
         if !st.quiesced {
+            st.queue_gathered();
             let mut f = Vec::new();
             AgentMsg::Quiesced.encode(&mut f);
             st.queue.push_back(f);
@@ -124,7 +166,23 @@ impl Writer {
     }
 }
 
+impl State {
+    /// Queues the gathered frames for the thread (something must follow them).
+    fn queue_gathered(&mut self) {
+        let gathered = std::mem::take(&mut self.gathered);
+        self.queue.extend(gathered);
+        self.gathered_bytes = 0;
+    }
+}
+
 impl Inner {
+    /// Writes from the caller's thread, the lock held (nothing else is pending).
+    fn write_now(&self, st: &mut State, frames: &[Vec<u8>]) {
+        if let Err(e) = sys::write_all_vectored(self.fd, frames) {
+            self.fail(st, e);
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -136,6 +194,7 @@ impl Inner {
         );
         st.failed = true;
         st.queue.clear();
+        st.gathered.clear();
         st.held.clear();
         sys::eventfd_signal(self.dead_fd);
     }
@@ -221,8 +280,8 @@ mod tests {
         }
     }
 
-    /// Small frames (written directly) and large ones (queued for the thread)
-    /// reach the host in the order they were sent.
+    /// Small frames (written directly or gathered) and large ones (queued for
+    /// the thread) reach the host in the order they were sent.
     #[test]
     fn frames_keep_their_order_direct_or_queued() {
         let (r, w) = sys::pipe().unwrap();
@@ -233,9 +292,15 @@ mod tests {
             .collect();
         let total = sent.iter().map(|m| encode(m).len()).sum();
         let got = reader(r, total);
-        for m in &sent {
+        for (i, m) in sent.iter().enumerate() {
+            match i % 10 {
+                0 => writer.gather(),
+                6 => writer.flush(),
+                _ => {}
+            }
             writer.send(m);
         }
+        writer.flush();
         assert_eq!(got.join().unwrap(), sent);
     }
 
