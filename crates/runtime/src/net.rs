@@ -1066,7 +1066,7 @@ fn add_netns_here(path: &Path) -> io::Result<()> {
     fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0)
+        .mode(0o000)
         .open(path)?;
     let target = path.to_path_buf();
     // unshare(CLONE_NEWNET) moves only the calling thread: a thread of its
