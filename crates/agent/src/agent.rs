@@ -297,6 +297,10 @@ fn fatal(what: &str, e: io::Error) -> ! {
 
 /// Starts the agent on fds 0 (from the host) and 1 (to the host). Never returns.
 pub fn run() -> ! {
+    // A write to a pipe whose reader is gone (a process's stdin, the host) is
+    // an EPIPE error to handle, not the end of the agent. (Rust's runtime
+    // would do this; see main.rs.)
+    sys::ignore_sigpipe();
     // Before any thread exists, so that every thread inherits the blocked mask.
     let sigchld = sys::sigchld_fd().unwrap_or_else(|e| fatal("signalfd", e));
     if let Err(e) = sys::set_child_subreaper() {
@@ -305,6 +309,13 @@ pub fn run() -> ! {
     if let Err(e) = sys::set_not_dumpable() {
         fatal("PR_SET_DUMPABLE", e);
     }
+    // What a spawn needs to know (a query per signal, ~1 ms under gVisor),
+    // found on another thread while this one says Hello and reads the first
+    // request, rather than in a sandbox's first exec.
+    std::thread::Builder::new()
+        .name("spawn-prep".into())
+        .spawn(sys::prepare_spawn)
+        .unwrap_or_else(|e| fatal("spawn-prep thread", e));
     let epoll = Epoll::new().unwrap_or_else(|e| fatal("epoll_create", e));
     let writer_dead = sys::eventfd().unwrap_or_else(|e| fatal("eventfd", e));
     let writer =
@@ -330,10 +341,6 @@ pub fn run() -> ! {
     epoll
         .add(0, in_ev, TOK_HOST)
         .unwrap_or_else(|e| fatal("epoll add fd 0", e));
-    // While the host answers Hello: what a spawn needs to know, found now
-    // rather than in a sandbox's first exec.
-    sys::prepare_spawn();
-
     let agent = Agent {
         epoll,
         writer,

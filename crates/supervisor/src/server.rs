@@ -246,8 +246,11 @@ impl Shared {
     }
     /// Applies the user's limits, CPU quota included, once the sandbox is
     /// the user's (an unclaimed pool slot gets them at claim).
+    /// Only a CPU limit differs between the two states: without one, the
+    /// limits written at the cgroup's creation (or claim) stand, and the
+    /// writes (on the path of a cold sandbox's first exec) are skipped.
     fn throttle(&self, st: &State) {
-        if st.claimed {
+        if st.claimed && st.limits.cpu.is_some() {
             self.apply_limits(&st.limits);
         }
     }
@@ -255,7 +258,9 @@ impl Shared {
     /// works on the user's behalf: a boot or a checkpoint at 0.1 cores would
     /// take ten times as long.
     fn unthrottle(&self, st: &State) {
-        self.apply_limits(&unthrottled(&st.limits));
+        if st.limits.cpu.is_some() {
+            self.apply_limits(&unthrottled(&st.limits));
+        }
     }
     fn apply_limits(&self, limits: &gworker_runtime::Limits) {
         if self.cgroup_ok {
