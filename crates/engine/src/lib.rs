@@ -908,6 +908,7 @@ impl Engine {
 
     /// Waits up to `timeout` for the entry command (or process `pid`) to exit.
     pub async fn wait(&self, id: &str, pid: Option<u32>, timeout: Duration) -> Result<Option<i32>> {
+        self.pool.note_activity();
         if let Some(code) = self.recorded_exit(id, pid)? {
             return Ok(code);
         }
@@ -956,6 +957,7 @@ impl Engine {
     }
 
     pub async fn exec(&self, id: &str, req: api::Exec) -> Result<api::Process> {
+        self.pool.note_activity();
         check_argv(&req.cmd)?;
         let env = req.env.unwrap_or_default();
         check_env(&env)?;
@@ -990,6 +992,7 @@ impl Engine {
         };
         check_args_env_size(&spec.argv, &spec.env)?;
         let pid = live.sup.spawn(spec).await.map_err(from_client)?;
+        self.pool.note_activity();
         let started_at = now();
         self.reg.upsert_process(&ProcessRow {
             sandbox_id: id.to_string(),
@@ -1058,6 +1061,7 @@ impl Engine {
         stream: StreamName,
         offset: u64,
     ) -> Result<OutputReader> {
+        self.pool.note_activity();
         self.row(id)?;
         let live = self.up(id).await.map_err(|e| match e.code() {
             ErrorCode::SandboxNotRunning => EngineError::Coded {

@@ -46,6 +46,8 @@ pub(crate) struct Pool {
     starting: Mutex<HashMap<String, usize>>,
     /// When a slot was last claimed (see [`REFILL_QUIET`]).
     last_claim: Mutex<Option<std::time::Instant>>,
+    /// When an exec, wait or output read last came (see [`Pool::in_burst`]).
+    last_activity: Mutex<Option<std::time::Instant>>,
     /// Slots booting per resolved image (a built-in's name or an image ID).
     booting: Mutex<HashMap<String, usize>>,
     /// Notified whenever a slot becomes ready.
@@ -99,6 +101,10 @@ impl Drop for Booting<'_> {
 /// A steady stream slower than one create per this period still finds the
 /// pool refilling between its creates.
 pub const REFILL_QUIET: Duration = Duration::from_millis(100);
+
+/// How long after its last claim a burst's own follow-up (the claimed
+/// sandboxes' commands, their output) still holds refills back.
+pub const BURST_TAIL: Duration = Duration::from_secs(2);
 
 /// During a burst, at most this many slots of an image boot at once, and
 /// only for creates waiting on an empty pool.
@@ -194,11 +200,25 @@ impl Pool {
         }
     }
 
+    /// A burst is on while the last claim is recent (REFILL_QUIET), and
+    /// also while its follow-up goes on: execs and output reads keep coming
+    /// until REFILL_QUIET before now, up to BURST_TAIL after the last claim.
+    /// Fifty creates at once are claimed within ~100 ms, but their first
+    /// commands answer over the next ~150 ms; refill boots started then made
+    /// the slowest of them slower (`bench/RESULTS.md`). Activity long after
+    /// a claim (a user's exec loop) does not stop refills.
     fn in_burst(&self) -> bool {
-        self.last_claim
-            .lock()
-            .unwrap()
-            .is_some_and(|t| t.elapsed() < REFILL_QUIET)
+        let since = |t: &Mutex<Option<std::time::Instant>>| t.lock().unwrap().map(|t| t.elapsed());
+        let Some(claim) = since(&self.last_claim) else {
+            return false;
+        };
+        claim < REFILL_QUIET
+            || (claim < BURST_TAIL && since(&self.last_activity).is_some_and(|a| a < REFILL_QUIET))
+    }
+
+    /// Notes an exec, a wait or an output read (see [`Pool::in_burst`]).
+    pub(crate) fn note_activity(&self) {
+        *self.last_activity.lock().unwrap() = Some(std::time::Instant::now());
     }
 
     pub(crate) fn ready_count(&self, image: &str) -> usize {
@@ -450,5 +470,22 @@ mod tests {
         *pool.last_claim.lock().unwrap() =
             Some(std::time::Instant::now() - REFILL_QUIET - Duration::from_millis(1));
         assert!(!pool.in_burst(), "claims paused for REFILL_QUIET");
+    }
+
+    #[test]
+    fn a_bursts_follow_up_holds_refills_back_for_a_while() {
+        let pool = pool_with(&[("busybox", "sb-a", "busybox")]);
+        pool.note_activity();
+        assert!(!pool.in_burst(), "activity without a claim");
+        pool.take("busybox").unwrap();
+        let ago = |d: Duration| Some(std::time::Instant::now() - d);
+        *pool.last_claim.lock().unwrap() = ago(REFILL_QUIET * 2);
+        pool.note_activity();
+        assert!(pool.in_burst(), "the claimed sandboxes' commands still run");
+        *pool.last_activity.lock().unwrap() = ago(REFILL_QUIET + Duration::from_millis(1));
+        assert!(!pool.in_burst(), "follow-up over");
+        *pool.last_claim.lock().unwrap() = ago(BURST_TAIL);
+        pool.note_activity();
+        assert!(!pool.in_burst(), "activity long after the last claim");
     }
 }
