@@ -42,12 +42,19 @@ enum Cmd {
     /// Internal: the per-sandbox supervisor process (started by the daemon).
     #[command(hide = true)]
     Supervise { dir: std::path::PathBuf },
+    /// Internal: a supervisor the daemon starts ahead of need.
+    #[command(hide = true)]
+    SuperviseStandby {
+        /// Room for the sandbox directory it will be given (shown by `ps`).
+        placeholder: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Supervise { dir } => gworker_supervisor::server::main(&dir),
+        Cmd::SuperviseStandby { .. } => gworker_supervisor::server::standby_main(),
         Cmd::Serve(args) => serve::serve(args),
         Cmd::Image(cmd) => image_cmds::run(cmd),
         Cmd::Sandbox(cmd) => client_cmds::run(cmd),

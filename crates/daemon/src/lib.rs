@@ -44,6 +44,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("cannot open the data directory: {e}"))?;
     engine.remove_orphans().await;
     engine.start_pool();
+    engine.keep_standby();
 
     tokio::spawn({
         let engine = engine.clone();

@@ -16,6 +16,7 @@ pub mod pool;
 pub mod registry;
 pub mod secrets;
 pub mod snapshots;
+mod standby;
 pub mod volumes;
 
 use std::collections::{BTreeMap, HashMap};
@@ -146,6 +147,10 @@ pub struct Engine {
     reg: Registry,
     images: ImageStore,
     live: Mutex<HashMap<String, Arc<Live>>>,
+    /// A supervisor started ahead of the next create (see [`standby`]), and
+    /// whether one is being started.
+    standby: Arc<Mutex<Option<standby::Standby>>>,
+    standby_starting: Arc<std::sync::atomic::AtomicBool>,
     verified: snapshots::Verified,
     runsc_version: String,
     secrets: secrets::SecretStore,
@@ -301,6 +306,8 @@ impl Engine {
             reg,
             images,
             live: Mutex::new(HashMap::new()),
+            standby: Arc::default(),
+            standby_starting: Arc::default(),
             verified: snapshots::Verified::default(),
             runsc_version,
             secrets,
@@ -755,14 +762,38 @@ impl Engine {
         let dir = self.sandbox_dir(&row.id);
         let sock = self.sock_path(&row.id);
         let exe = self.cfg.supervisor_exe.clone();
+        let standby = self.standby.lock().unwrap().take();
+        self.keep_standby();
         tokio::task::spawn_blocking(move || {
-            spawn_supervisor(&exe, &dir, &sock, &launch, secret_env)
+            spawn_supervisor(&exe, &dir, &sock, &launch, secret_env, standby)
         })
         .await
         .map_err(|e| EngineError::Internal(e.to_string()))?
         .map_err(|e| EngineError::Internal(format!("cannot start the supervisor: {e}")))?;
         self.reg.set_state(&row.id, "running")?;
         Ok(())
+    }
+
+    /// Starts a standby supervisor in the background unless one is ready or
+    /// starting. The daemon calls it once at start; every create that takes
+    /// the standby calls it again.
+    pub fn keep_standby(&self) {
+        use std::sync::atomic::Ordering;
+        if self.standby.lock().unwrap().is_some()
+            || self.standby_starting.swap(true, Ordering::SeqCst)
+        {
+            return;
+        }
+        let (slot, starting) = (self.standby.clone(), self.standby_starting.clone());
+        let exe = self.cfg.supervisor_exe.clone();
+        let placeholder = self.sandbox_dir(&format!("sb-{}", "?".repeat(new_id().len() - 3)));
+        std::thread::spawn(move || {
+            match standby::start(&exe, &placeholder) {
+                Ok(s) => *slot.lock().unwrap() = Some(s),
+                Err(e) => tracing::warn!(error = %e, "cannot start a standby supervisor"),
+            }
+            starting.store(false, Ordering::SeqCst);
+        });
     }
 
     fn view(&self, row: &SandboxRow, status: Option<&gworker_supervisor::Status>) -> api::Sandbox {
@@ -1301,18 +1332,21 @@ impl Engine {
 }
 
 /// The fd on which a supervisor reads its sandbox's secrets.
-const SECRETS_FD: i32 = 4;
+const SECRETS_FD: i32 = gworker_supervisor::server::SECRETS_FD;
 
-/// Starts `exe supervise DIR` detached (own session), handing it the bound
-/// listening socket as fd 3, so the daemon can connect at once and can die
-/// without taking the supervisor along. Secrets go through a pipe on
-/// [`SECRETS_FD`], never through a file.
+/// Starts the supervisor of `dir` detached (own session), handing it the
+/// bound listening socket as fd 3, so the daemon can connect at once and can
+/// die without taking the supervisor along. Secrets go through a pipe on
+/// [`SECRETS_FD`], never through a file. With a `standby` (see
+/// [`standby`]) that process becomes the supervisor; else (or if it is gone)
+/// `exe supervise DIR` is started.
 fn spawn_supervisor(
     exe: &Path,
     dir: &Path,
     sock: &Path,
     launch: &LaunchConfig,
     secrets: Option<Vec<(String, String)>>,
+    standby: Option<standby::Standby>,
 ) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     std::fs::create_dir_all(dir)?;
@@ -1327,6 +1361,25 @@ fn spawn_supervisor(
         .create(true)
         .append(true)
         .open(dir.join("supervisor.log"))?;
+    let secret_pipe = match &secrets {
+        Some(_) => Some(secrets::pipe_above(10)?),
+        None => None,
+    };
+    let send_secrets = |secret_pipe: Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>| {
+        if let (Some((rd, wr)), Some(env)) = (secret_pipe, &secrets) {
+            drop(rd);
+            secrets::send(wr, env)?;
+        }
+        Ok(())
+    };
+    if let Some(standby) = standby {
+        let mut fds = vec![listener.as_raw_fd(), log.as_raw_fd()];
+        fds.extend(secret_pipe.as_ref().map(|(r, _)| r.as_raw_fd()));
+        match standby.assign(dir, &fds) {
+            Ok(()) => return send_secrets(secret_pipe),
+            Err(e) => tracing::warn!(error = %e, "the standby supervisor is gone; starting one"),
+        }
+    }
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("supervise")
         .arg(dir)
@@ -1334,10 +1387,6 @@ fn spawn_supervisor(
         .stdout(log.try_clone()?)
         .stderr(log);
     let fd = listener.as_raw_fd();
-    let secret_pipe = match &secrets {
-        Some(_) => Some(secrets::pipe_above(10)?),
-        None => None,
-    };
     let secret_rd = secret_pipe.as_ref().map(|(r, _)| r.as_raw_fd());
     // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl) between fork and exec.
     unsafe {
@@ -1361,10 +1410,7 @@ fn spawn_supervisor(
     }
     let mut child = cmd.spawn()?;
     drop(listener);
-    if let (Some((rd, wr)), Some(env)) = (secret_pipe, secrets) {
-        drop(rd);
-        secrets::send(wr, &env)?;
-    }
+    send_secrets(secret_pipe)?;
     // Reap it whenever it ends, so it never lingers as a zombie of the daemon.
     std::thread::spawn(move || {
         let _ = child.wait();

@@ -324,7 +324,7 @@ impl Engine {
         let sock = self.sock_path(&id);
         let exe = self.cfg.supervisor_exe.clone();
         let (d2, s2) = (dir.clone(), sock.clone());
-        tokio::task::spawn_blocking(move || spawn_supervisor(&exe, &d2, &s2, &launch, None))
+        tokio::task::spawn_blocking(move || spawn_supervisor(&exe, &d2, &s2, &launch, None, None))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
