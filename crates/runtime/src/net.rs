@@ -802,7 +802,10 @@ fn setup_locked(
     }
 
     // Claim a slot by creating its interface: the kernel refuses a second
-    // `gwh-N`, whichever process (or state dir) tries.
+    // `gwh-N`, whichever process (or state dir) tries. The same `ip` names
+    // it, addresses it and brings it up (one process instead of two on a
+    // cold create's path); its rules are added before the sandbox can send
+    // anything (runsc waits on the gate).
     let mut slot = None;
     let candidates = preferred
         .iter()
@@ -815,20 +818,32 @@ fn setup_locked(
             continue;
         }
         let host_if = format!("{HOST_IF_PREFIX}{s}");
-        let r = run(
-            "ip",
-            &[
-                "link", "add", &host_if, "type", "veth", "peer", "name", GUEST_IF, "netns", &netns,
-            ],
-            None,
+        let (host_ip, _) = slot_addrs(s);
+        // No IPv6 on the host end (a link-local address would be a way to
+        // the host): none is generated, and IPv6 is disabled on it below.
+        let batch = format!(
+            "link add {host_if} type veth peer name {GUEST_IF} netns {netns}\n\
+             link set dev {host_if} alias {OWNER_TAG}{id}\n\
+             link set dev {host_if} addrgenmode none\n\
+             address add {host_ip}/{SUBNET_PREFIX} dev {host_if}\n\
+             link set dev {host_if} up\n"
         );
-        match r {
+        match run("ip", &["-batch", "-"], Some(&batch)) {
             Ok(_) => {
                 slot = Some(s);
                 break;
             }
-            Err(NetError::Command { message, .. }) if message.contains("File exists") => continue,
-            Err(e) => return Err(e),
+            // Only the first line can find the slot taken.
+            Err(NetError::Command { message, .. })
+                if message.contains("File exists") && message.contains("-:1") =>
+            {
+                continue
+            }
+            Err(e) => {
+                // It may have made the link: recorded, so teardown finds it.
+                let _ = write_state(state_dir, id, Some(s));
+                return Err(e);
+            }
         }
     }
     let slot = slot.ok_or(NetError::PoolExhausted)?;
@@ -836,21 +851,13 @@ fn setup_locked(
 
     let (host_ip, guest_ip) = slot_addrs(slot);
     let host_if = format!("{HOST_IF_PREFIX}{slot}");
-    apply_rules_from(rules, &|rs| {
-        setup_batch(rs, host, id, slot, policy, nameservers)
-    })?;
-
-    // Host end: no IPv6 at all (a link-local address would be a way to the host).
     let v6 = format!("/proc/sys/net/ipv6/conf/{host_if}/disable_ipv6");
     if Path::new(&v6).exists() {
         fs::write(&v6, "1").map_err(io_err("cannot disable IPv6 on", Path::new(&v6)))?;
     }
-    let host_batch = format!(
-        "link set dev {host_if} alias {OWNER_TAG}{id}\n\
-         address add {host_ip}/{SUBNET_PREFIX} dev {host_if}\n\
-         link set dev {host_if} up\n"
-    );
-    run("ip", &["-batch", "-"], Some(&host_batch))?;
+    apply_rules_from(rules, &|rs| {
+        setup_batch(rs, host, id, slot, policy, nameservers)
+    })?;
     let guest_batch = format!(
         "link set dev lo up\n\
          link set dev {GUEST_IF} addrgenmode none\n\
@@ -1322,8 +1329,37 @@ struct Link {
     owner: Option<String>,
 }
 
+/// The host's `gwh-N` links and their owners, from /sys/class/net (no
+/// process to start, on a cold create's path). A link without its alias (a
+/// setup cut short between making it and naming it) is owned by its peer's
+/// netns, which only `ip` shows: then `ip -o link show` is read instead.
 fn scan_links() -> Result<Vec<Link>, NetError> {
-    Ok(parse_links(&run("ip", &["-o", "link", "show"], None)?))
+    let sys = Path::new("/sys/class/net");
+    let mut out = Vec::new();
+    let entries = fs::read_dir(sys).map_err(io_err("cannot read", sys))?;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(slot) = name
+            .strip_prefix(HOST_IF_PREFIX)
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alias = fs::read_to_string(e.path().join("ifalias")).unwrap_or_default();
+        let Some(owner) = alias
+            .trim()
+            .strip_prefix(OWNER_TAG)
+            .filter(|id| valid_id(id))
+        else {
+            return Ok(parse_links(&run("ip", &["-o", "link", "show"], None)?));
+        };
+        out.push(Link {
+            name,
+            slot,
+            owner: Some(owner.to_string()),
+        });
+    }
+    Ok(out)
 }
 
 fn parse_links(text: &str) -> Vec<Link> {
@@ -1369,22 +1405,48 @@ struct HostInfo {
     subnets: BTreeSet<Ipv4Cidr>,
 }
 
+/// The host's IPv4 addresses, from getifaddrs(3) (what `ip -o -4 addr show`
+/// lists, without starting it).
 fn host_info() -> Result<HostInfo, NetError> {
-    Ok(parse_host_addrs(&run(
-        "ip",
-        &["-o", "-4", "addr", "show"],
-        None,
-    )?))
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| NetError::Command {
+        command: "getifaddrs".into(),
+        message: e.to_string(),
+    })?;
+    let mut info = HostInfo::default();
+    for ifa in addrs {
+        let ip = |a: Option<nix::sys::socket::SockaddrStorage>| {
+            a.and_then(|a| a.as_sockaddr_in().map(|s| s.ip()))
+        };
+        let (Some(addr), Some(mask)) = (ip(ifa.address), ip(ifa.netmask)) else {
+            continue;
+        };
+        let prefix = u32::from(mask).count_ones() as u8;
+        add_host_addr(&mut info, &ifa.interface_name, addr, prefix);
+    }
+    Ok(info)
 }
 
+/// Records one of the host's addresses (sandbox links and the pool excluded).
+fn add_host_addr(info: &mut HostInfo, ifname: &str, addr: Ipv4Addr, prefix: u8) {
+    if ifname.starts_with(HOST_IF_PREFIX) || POOL.contains(addr) {
+        return;
+    }
+    info.addrs.insert(Ipv4Cidr::host(addr));
+    if prefix < 32 {
+        if let Ok(cidr) = format!("{addr}/{prefix}").parse::<Ipv4Cidr>() {
+            info.subnets.insert(cidr);
+        }
+    }
+}
+
+/// `ip -o -4 addr show`'s lines, as [`host_info`] reads them (tests compare
+/// the two).
+#[cfg(test)]
 fn parse_host_addrs(text: &str) -> HostInfo {
     let mut info = HostInfo::default();
     for line in text.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
         let Some(ifname) = words.get(1) else { continue };
-        if ifname.starts_with(HOST_IF_PREFIX) {
-            continue;
-        }
         let Some(i) = words.iter().position(|w| *w == "inet") else {
             continue;
         };
@@ -1398,13 +1460,7 @@ fn parse_host_addrs(text: &str) -> HostInfo {
         else {
             continue;
         };
-        if POOL.contains(addr) {
-            continue;
-        }
-        info.addrs.insert(Ipv4Cidr::host(addr));
-        if cidr.prefix < 32 {
-            info.subnets.insert(cidr);
-        }
+        add_host_addr(&mut info, ifname, addr, cidr.prefix);
     }
     info
 }
@@ -1820,6 +1876,19 @@ fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, NetE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// getifaddrs finds the host addresses `ip -o -4 addr show` lists.
+    #[test]
+    fn host_info_matches_ip() {
+        let ours = host_info().unwrap();
+        let ip = parse_host_addrs(&run("ip", &["-o", "-4", "addr", "show"], None).unwrap());
+        assert_eq!(ours.addrs, ip.addrs);
+        assert_eq!(ours.subnets, ip.subnets);
+        assert!(
+            !ours.addrs.is_empty(),
+            "no address at all (not even 127.0.0.1)"
+        );
+    }
 
     /// The netns made in-process is a real network namespace other than
     /// ours, seen by `ip`, and deleting it leaves nothing mounted.
