@@ -308,6 +308,31 @@ const PREFETCH: &[&str] = &[
     "/usr/bin/python3",
 ];
 
+/// Commands a first command most often starts with, and the directories of
+/// the images' standard PATH: a slot also looks each name up in each
+/// directory, so that the claimed sandbox's first exec finds the misses of
+/// its PATH search (5 of them for busybox's `/bin/echo`, each a round trip to
+/// the gofer on a fresh sandbox) cached.
+const PREFETCH_COMMANDS: &[&str] = &["sh", "bash", "echo", "true", "cat", "env", "ls", "python3"];
+const PREFETCH_PATH: &[&str] = &[
+    "/usr/local/sbin",
+    "/usr/local/bin",
+    "/usr/sbin",
+    "/usr/bin",
+    "/sbin",
+    "/bin",
+];
+
+fn prefetch_paths() -> Vec<Vec<u8>> {
+    let mut out: Vec<Vec<u8>> = PREFETCH.iter().map(|p| p.as_bytes().to_vec()).collect();
+    for name in PREFETCH_COMMANDS {
+        for dir in PREFETCH_PATH {
+            out.push(format!("{dir}/{name}").into_bytes());
+        }
+    }
+    out
+}
+
 /// The network gate's FIFO, in the sandbox's directory.
 const NET_GATE: &str = "net.gate";
 
@@ -895,7 +920,7 @@ fn on_agent_msg(shared: &Arc<Shared>, m: AgentMsg) {
                 }
                 if !st.claimed {
                     shared.send(HostMsg::Prefetch {
-                        paths: PREFETCH.iter().map(|p| p.as_bytes().to_vec()).collect(),
+                        paths: prefetch_paths(),
                     });
                 }
             }
