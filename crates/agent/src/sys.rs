@@ -429,21 +429,23 @@ fn swap_sigmask(mask: u64) -> u64 {
     old
 }
 
-/// Signals whose disposition in the agent is not the default (a handler, or
-/// ignored: std ignores SIGPIPE), found once. A spawned child resets these;
-/// the others are at the default already, and exec keeps it so.
-/// Does now what the first [`spawn`] would otherwise do (a query per signal;
-/// a `spawn` meanwhile waits for it). Call it once the agent has set up its
-/// own signal handling: the dispositions it finds are those a child resets.
+/// A write to a pipe whose reader is gone fails with EPIPE instead of
+/// killing the agent.
 pub fn ignore_sigpipe() {
     // SAFETY: installs SIG_IGN, no handler code.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
 }
 
+/// Does now what the first [`spawn`] would otherwise do (a query per signal;
+/// a `spawn` meanwhile waits for it). Call it once the agent has set up its
+/// own signal handling: the dispositions it finds are those a child resets.
 pub fn prepare_spawn() {
     non_default_signals();
 }
 
+/// Signals whose disposition in the agent is not the default (a handler, or
+/// ignored: SIGPIPE), found once. A spawned child resets these; the others
+/// are at the default already, and exec keeps it so.
 fn non_default_signals() -> &'static [libc::c_int] {
     static SIGNALS: std::sync::OnceLock<Vec<libc::c_int>> = std::sync::OnceLock::new();
     SIGNALS.get_or_init(|| {

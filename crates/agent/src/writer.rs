@@ -1,9 +1,11 @@
 //! The only way to fd 1 (agent → host frames).
 //!
 //! Frames queue up and a thread writes whatever has gathered with one
-//! `writev`, so that the event loop never waits on a full pipe while it could
-//! be reading the processes' output. A small frame sent while nothing is
-//! queued or being written goes out at once from the caller's thread instead:
+//! `writev`, so that the event loop does not wait on a full pipe with large
+//! output while it could be reading the processes'. A small frame sent while
+//! nothing is queued or being written goes out at once from the caller's
+//! thread instead (the caller then waits if the pipe is nearly full, until
+//! the supervisor, which always reads it, has made room):
 //! under gVisor, handing it to the thread (a futex wake, a context switch in
 //! the sentry) costs more than the write, and `Spawned`, `Exited` and a short
 //! output are exactly what a caller is waiting for. The order of frames is the

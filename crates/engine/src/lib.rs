@@ -779,17 +779,22 @@ impl Engine {
     /// the standby calls it again.
     pub fn keep_standby(&self) {
         use std::sync::atomic::Ordering;
-        if self.standby.lock().unwrap().is_some()
-            || self.standby_starting.swap(true, Ordering::SeqCst)
+        // Checked and set under the slot's lock, which the starting thread
+        // holds while it fills the slot and clears the flag.
         {
-            return;
+            let slot = self.standby.lock().unwrap();
+            if slot.is_some() || self.standby_starting.swap(true, Ordering::SeqCst) {
+                return;
+            }
         }
         let (slot, starting) = (self.standby.clone(), self.standby_starting.clone());
         let exe = self.cfg.supervisor_exe.clone();
         let placeholder = self.sandbox_dir(&format!("sb-{}", "?".repeat(new_id().len() - 3)));
         std::thread::spawn(move || {
-            match standby::start(&exe, &placeholder) {
-                Ok(s) => *slot.lock().unwrap() = Some(s),
+            let started = standby::start(&exe, &placeholder);
+            let mut slot = slot.lock().unwrap();
+            match started {
+                Ok(s) => *slot = Some(s),
                 Err(e) => tracing::warn!(error = %e, "cannot start a standby supervisor"),
             }
             starting.store(false, Ordering::SeqCst);

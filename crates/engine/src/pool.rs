@@ -46,7 +46,7 @@ pub(crate) struct Pool {
     starting: Mutex<HashMap<String, usize>>,
     /// When a slot was last claimed (see [`REFILL_QUIET`]).
     last_claim: Mutex<Option<std::time::Instant>>,
-    /// When an exec, wait or output read last came (see [`Pool::in_burst`]).
+    /// When an exec, wait or output read last came (see [`Pool::burst`]).
     last_activity: Mutex<Option<std::time::Instant>>,
     /// Slots booting per resolved image (a built-in's name or an image ID).
     booting: Mutex<HashMap<String, usize>>,
@@ -115,15 +115,29 @@ fn count(counts: &Mutex<HashMap<String, usize>>, key: &str) -> usize {
     counts.lock().unwrap().get(key).copied().unwrap_or(0)
 }
 
+/// What holds refills back now (see [`Pool::burst`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Burst {
+    None,
+    /// Claims are coming: refills wait, unless creates wait on an empty pool.
+    Claims,
+    /// The claims are over but their sandboxes' first commands still run:
+    /// refills wait while the pool holds at least a quarter of its size, so
+    /// that steady traffic (creates every second or two beside busy
+    /// sandboxes) never drains it.
+    Tail,
+}
+
 /// Whether to start booting another slot of an image now.
-fn refill_now(want: usize, ready: usize, starting: usize, in_burst: bool, waiting: usize) -> bool {
+fn refill_now(want: usize, ready: usize, starting: usize, burst: Burst, waiting: usize) -> bool {
     if ready + starting >= want {
         return false;
     }
-    if !in_burst {
-        return true;
+    match burst {
+        Burst::None => true,
+        Burst::Tail => (ready + starting) * 4 < want,
+        Burst::Claims => ready == 0 && waiting > 0 && starting < BURST_BOOTS,
     }
-    ready == 0 && waiting > 0 && starting < BURST_BOOTS
 }
 
 impl Pool {
@@ -200,23 +214,29 @@ impl Pool {
         }
     }
 
-    /// A burst is on while the last claim is recent (REFILL_QUIET), and
-    /// also while its follow-up goes on: execs and output reads keep coming
-    /// until REFILL_QUIET before now, up to BURST_TAIL after the last claim.
-    /// Fifty creates at once are claimed within ~100 ms, but their first
-    /// commands answer over the next ~150 ms; refill boots started then made
-    /// the slowest of them slower (`bench/RESULTS.md`). Activity long after
-    /// a claim (a user's exec loop) does not stop refills.
-    fn in_burst(&self) -> bool {
+    /// A burst is on while the last claim is recent (REFILL_QUIET); its tail
+    /// goes on while execs and output reads keep coming until REFILL_QUIET
+    /// before now, up to BURST_TAIL after the last claim. Fifty creates at
+    /// once are claimed within ~100 ms, but their first commands answer over
+    /// the next ~150 ms; refill boots started then made the slowest of them
+    /// slower (`bench/RESULTS.md`, session 7). Activity long after a claim
+    /// (a user's exec loop) does not hold refills back.
+    fn burst(&self) -> Burst {
         let since = |t: &Mutex<Option<std::time::Instant>>| t.lock().unwrap().map(|t| t.elapsed());
         let Some(claim) = since(&self.last_claim) else {
-            return false;
+            return Burst::None;
         };
-        claim < REFILL_QUIET
-            || (claim < BURST_TAIL && since(&self.last_activity).is_some_and(|a| a < REFILL_QUIET))
+        if claim < REFILL_QUIET {
+            Burst::Claims
+        } else if claim < BURST_TAIL && since(&self.last_activity).is_some_and(|a| a < REFILL_QUIET)
+        {
+            Burst::Tail
+        } else {
+            Burst::None
+        }
     }
 
-    /// Notes an exec, a wait or an output read (see [`Pool::in_burst`]).
+    /// Notes an exec, a wait or an output read (see [`Pool::burst`]).
     pub(crate) fn note_activity(&self) {
         *self.last_activity.lock().unwrap() = Some(std::time::Instant::now());
     }
@@ -251,7 +271,7 @@ impl Engine {
                     *want,
                     ready,
                     starting,
-                    self.pool.in_burst(),
+                    self.pool.burst(),
                     self.pool.waiting.load(std::sync::atomic::Ordering::Relaxed),
                 )
             {
@@ -431,27 +451,27 @@ mod tests {
 
     #[test]
     fn refills_wait_for_a_burst_to_end_unless_creates_wait_on_an_empty_pool() {
-        // (want, ready, starting, in_burst, waiting)
-        assert!(refill_now(10, 3, 0, false, 0), "quiet: refill");
+        // (want, ready, starting, burst, waiting)
+        assert!(refill_now(10, 3, 0, Burst::None, 0), "quiet: refill");
         assert!(
-            !refill_now(10, 7, 3, false, 0),
+            !refill_now(10, 7, 3, Burst::None, 0),
             "full counting the booting ones"
         );
         assert!(
-            !refill_now(10, 1, 0, true, 0),
+            !refill_now(10, 1, 0, Burst::Claims, 0),
             "burst with slots left: wait"
         );
         assert!(
-            !refill_now(10, 0, 0, true, 0),
+            !refill_now(10, 0, 0, Burst::Claims, 0),
             "burst, empty, nobody waiting: wait"
         );
         assert!(
-            refill_now(10, 0, 0, true, 1),
+            refill_now(10, 0, 0, Burst::Claims, 1),
             "burst, empty, a create waits: boot"
         );
-        assert!(refill_now(10, 0, BURST_BOOTS - 1, true, 5));
+        assert!(refill_now(10, 0, BURST_BOOTS - 1, Burst::Claims, 5));
         assert!(
-            !refill_now(10, 0, BURST_BOOTS, true, 5),
+            !refill_now(10, 0, BURST_BOOTS, Burst::Claims, 5),
             "at most BURST_BOOTS in a burst"
         );
     }
@@ -462,30 +482,56 @@ mod tests {
             ("busybox", "sb-a", "busybox"),
             ("busybox", "sb-b", "busybox"),
         ]);
-        assert!(!pool.in_burst(), "no claim yet");
+        assert_eq!(pool.burst(), Burst::None, "no claim yet");
         assert!(pool.take("nothing-here").is_none());
-        assert!(!pool.in_burst(), "a miss is not a claim");
+        assert_eq!(pool.burst(), Burst::None, "a miss is not a claim");
         pool.take("busybox").unwrap();
-        assert!(pool.in_burst());
+        assert_eq!(pool.burst(), Burst::Claims);
         *pool.last_claim.lock().unwrap() =
             Some(std::time::Instant::now() - REFILL_QUIET - Duration::from_millis(1));
-        assert!(!pool.in_burst(), "claims paused for REFILL_QUIET");
+        assert_eq!(pool.burst(), Burst::None, "claims paused for REFILL_QUIET");
+    }
+
+    #[test]
+    fn a_bursts_tail_holds_refills_back_only_while_a_quarter_is_left() {
+        // (want, ready, starting, burst, waiting)
+        assert!(!refill_now(100, 50, 0, Burst::Tail, 0), "half left: wait");
+        assert!(
+            !refill_now(100, 20, 5, Burst::Tail, 0),
+            "a quarter left: wait"
+        );
+        assert!(
+            refill_now(100, 24, 0, Burst::Tail, 0),
+            "under a quarter: refill"
+        );
+        assert!(
+            refill_now(1, 0, 0, Burst::Tail, 0),
+            "a pool of one never waits empty"
+        );
     }
 
     #[test]
     fn a_bursts_follow_up_holds_refills_back_for_a_while() {
         let pool = pool_with(&[("busybox", "sb-a", "busybox")]);
         pool.note_activity();
-        assert!(!pool.in_burst(), "activity without a claim");
+        assert_eq!(pool.burst(), Burst::None, "activity without a claim");
         pool.take("busybox").unwrap();
         let ago = |d: Duration| Some(std::time::Instant::now() - d);
         *pool.last_claim.lock().unwrap() = ago(REFILL_QUIET * 2);
         pool.note_activity();
-        assert!(pool.in_burst(), "the claimed sandboxes' commands still run");
+        assert_eq!(
+            pool.burst(),
+            Burst::Tail,
+            "the claimed sandboxes' commands still run"
+        );
         *pool.last_activity.lock().unwrap() = ago(REFILL_QUIET + Duration::from_millis(1));
-        assert!(!pool.in_burst(), "follow-up over");
+        assert_eq!(pool.burst(), Burst::None, "follow-up over");
         *pool.last_claim.lock().unwrap() = ago(BURST_TAIL);
         pool.note_activity();
-        assert!(!pool.in_burst(), "activity long after the last claim");
+        assert_eq!(
+            pool.burst(),
+            Burst::None,
+            "activity long after the last claim"
+        );
     }
 }

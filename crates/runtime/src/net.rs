@@ -840,8 +840,11 @@ fn setup_locked(
                 continue
             }
             Err(e) => {
-                // It may have made the link: recorded, so teardown finds it.
-                let _ = write_state(state_dir, id, Some(s));
+                // A later line failed after the link was made: recorded, so
+                // that teardown finds it.
+                if Path::new("/sys/class/net").join(&host_if).exists() {
+                    let _ = write_state(state_dir, id, Some(s));
+                }
                 return Err(e);
             }
         }
