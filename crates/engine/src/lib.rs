@@ -20,7 +20,6 @@ mod standby;
 pub mod volumes;
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -1391,32 +1390,47 @@ fn spawn_supervisor(
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    let fd = listener.as_raw_fd();
-    let secret_rd = secret_pipe.as_ref().map(|(r, _)| r.as_raw_fd());
-    // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl) between fork and exec.
+    let mut fds = Vec::new();
+    if let Some((rd, _)) = &secret_pipe {
+        fds.push((rd.as_raw_fd(), SECRETS_FD));
+    }
+    fds.push((
+        listener.as_raw_fd(),
+        gworker_supervisor::server::LISTENER_FD,
+    ));
+    spawn_detached(&mut cmd, fds)?;
+    drop(listener);
+    send_secrets(secret_pipe)
+}
+
+/// Spawns `cmd` in a session of its own, each `(fd, at)` of `fds` placed at
+/// descriptor number `at` in it (kept across exec), and reaps it whenever it
+/// ends, so that it never lingers as a zombie of the daemon.
+pub(crate) fn spawn_detached(
+    cmd: &mut std::process::Command,
+    fds: Vec<(std::os::fd::RawFd, std::os::fd::RawFd)>,
+) -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl) between
+    // fork and exec; `fds` is only read.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if let Some(rd) = secret_rd {
-                if libc::dup2(rd, SECRETS_FD) < 0 {
+            for &(fd, at) in &fds {
+                if fd == at {
+                    // Already in place: only inheritable now.
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                } else if libc::dup2(fd, at) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-            }
-            if fd == gworker_supervisor::server::LISTENER_FD {
-                let flags = libc::fcntl(fd, libc::F_GETFD);
-                libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-            } else if libc::dup2(fd, gworker_supervisor::server::LISTENER_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
     let mut child = cmd.spawn()?;
-    drop(listener);
-    send_secrets(secret_pipe)?;
-    // Reap it whenever it ends, so it never lingers as a zombie of the daemon.
     std::thread::spawn(move || {
         let _ = child.wait();
     });

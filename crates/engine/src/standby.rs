@@ -19,7 +19,6 @@ pub(crate) struct Standby {
 /// its sandbox, so that `ps` shows it like any supervisor.
 pub(crate) fn start(exe: &Path, placeholder: &Path) -> io::Result<Standby> {
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-    use std::os::unix::process::CommandExt;
     let (ours, theirs) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -27,35 +26,17 @@ pub(crate) fn start(exe: &Path, placeholder: &Path) -> io::Result<Standby> {
         SockFlag::SOCK_CLOEXEC,
     )
     .map_err(io::Error::from)?;
-    let fd = theirs.as_raw_fd();
-    let target = gworker_supervisor::server::STANDBY_FD;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("supervise-standby")
         .arg(placeholder)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
-    // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if fd == target {
-                let flags = libc::fcntl(fd, libc::F_GETFD);
-                libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-            } else if libc::dup2(fd, target) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn()?;
+    crate::spawn_detached(
+        &mut cmd,
+        vec![(theirs.as_raw_fd(), gworker_supervisor::server::STANDBY_FD)],
+    )?;
     drop(theirs);
-    // Reap it whenever it ends, so it never lingers as a zombie of the daemon.
-    std::thread::spawn(move || {
-        let _ = child.wait();
-    });
     Ok(Standby { ctl: ours })
 }
 
@@ -69,7 +50,9 @@ impl Standby {
         let path = dir.as_os_str().as_bytes();
         let iov = [io::IoSlice::new(path)];
         let cmsg = [ControlMessage::ScmRights(fds)];
-        let sent = sendmsg::<()>(
+        // SOCK_SEQPACKET: the message (and its descriptors) went whole or
+        // not at all.
+        sendmsg::<()>(
             self.ctl.as_raw_fd(),
             &iov,
             &cmsg,
@@ -77,9 +60,6 @@ impl Standby {
             None,
         )
         .map_err(io::Error::from)?;
-        if sent != path.len() {
-            return Err(io::Error::other("short write to the standby supervisor"));
-        }
         Ok(())
     }
 }
