@@ -31,6 +31,9 @@ use crate::writer::Writer;
 const TOK_HOST: u64 = u64::MAX;
 const TOK_SIGCHLD: u64 = u64::MAX - 1;
 const TOK_WRITER_DEAD: u64 = u64::MAX - 2;
+/// What the loop waits for on the host's input (fd 0, or the pipe a thread
+/// copies it into).
+const HOST_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
 /// Per-process tokens: `pid << 2 | slot`, slot 0 = stdout, 1 = stderr, 2 = stdin.
 const SLOT_STDIN: u64 = 2;
 
@@ -325,7 +328,6 @@ pub fn run() -> ! {
         agent: env!("CARGO_PKG_VERSION").to_string(),
     });
 
-    let in_ev = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
     epoll
         .add(sigchld.as_raw_fd(), libc::EPOLLIN as u32, TOK_SIGCHLD)
         .unwrap_or_else(|e| fatal("epoll add signalfd", e));
@@ -339,7 +341,7 @@ pub fn run() -> ! {
     // fd 0 (a host pipe) is polled directly until the first checkpoint: see
     // `Agent::thread_host_reads`.
     epoll
-        .add(0, in_ev, TOK_HOST)
+        .add(0, HOST_EVENTS, TOK_HOST)
         .unwrap_or_else(|e| fatal("epoll add fd 0", e));
     let agent = Agent {
         epoll,
@@ -506,11 +508,7 @@ impl Agent {
         }
         let setup = sys::pipe().and_then(|(r, w)| {
             sys::set_nonblocking(r.as_raw_fd())?;
-            self.epoll.add(
-                r.as_raw_fd(),
-                (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
-                TOK_HOST,
-            )?;
+            self.epoll.add(r.as_raw_fd(), HOST_EVENTS, TOK_HOST)?;
             std::thread::Builder::new()
                 .name("host-reader".into())
                 .spawn(move || copy_stdin_to(w))?;
@@ -580,7 +578,7 @@ impl Agent {
             .filter_map(|o| o.fd.as_ref())
             .chain(p.stdin.fd.as_ref())
         {
-            if let Err(e) = sys::set_nonblocking_fresh(fd.as_raw_fd()) {
+            if let Err(e) = sys::set_nonblocking(fd.as_raw_fd()) {
                 self.log(format!("O_NONBLOCK for process {pid}: {}", errstr(&e)));
             }
         }

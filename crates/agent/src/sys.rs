@@ -122,19 +122,10 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// `O_NONBLOCK` on a pipe end just made, whose other status flags are all
-/// clear: one `fcntl` instead of [`set_nonblocking`]'s two.
-pub fn set_nonblocking_fresh(fd: RawFd) -> io::Result<()> {
-    // SAFETY: fcntl on a descriptor we own; no pointers involved.
-    cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) })?;
-    Ok(())
-}
-
+/// clear: one `fcntl` (no `F_GETFL` first).
 pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     // SAFETY: fcntl on a descriptor we own; no pointers involved.
-    unsafe {
-        let flags = cvt(libc::fcntl(fd, libc::F_GETFL))?;
-        cvt(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK))?;
-    }
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) })?;
     Ok(())
 }
 

@@ -40,9 +40,8 @@ const GATHER_MAX: usize = 64 * 1024;
 
 struct State {
     queue: VecDeque<Vec<u8>>,
-    /// Small frames to write directly at `flush`, and their bytes.
+    /// Small frames to write directly at `flush`.
     gathered: Vec<Vec<u8>>,
-    gathered_bytes: usize,
     gathering: bool,
     /// Frames sent while quiesced, written after `resume`.
     held: VecDeque<Vec<u8>>,
@@ -75,7 +74,6 @@ impl Writer {
             st: Mutex::new(State {
                 queue: VecDeque::new(),
                 gathered: Vec::new(),
-                gathered_bytes: 0,
                 gathering: false,
                 held: VecDeque::new(),
                 quiesced: false,
@@ -110,9 +108,8 @@ impl Writer {
         let direct = !st.busy
             && st.queue.is_empty()
             && frame.len() <= DIRECT_MAX
-            && st.gathered_bytes + frame.len() <= GATHER_MAX;
+            && st.gathered.iter().map(Vec::len).sum::<usize>() + frame.len() <= GATHER_MAX;
         if direct && st.gathering {
-            st.gathered_bytes += frame.len();
             st.gathered.push(frame);
         } else if direct {
             self.inner.write_now(&mut st, std::slice::from_ref(&frame));
@@ -137,7 +134,6 @@ impl Writer {
         }
         if !st.busy && st.queue.is_empty() {
             let frames = std::mem::take(&mut st.gathered);
-            st.gathered_bytes = 0;
             self.inner.write_now(&mut st, &frames);
         } else {
             st.queue_gathered();
@@ -173,7 +169,6 @@ impl State {
     fn queue_gathered(&mut self) {
         let gathered = std::mem::take(&mut self.gathered);
         self.queue.extend(gathered);
-        self.gathered_bytes = 0;
     }
 }
 

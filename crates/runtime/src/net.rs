@@ -1436,7 +1436,7 @@ fn add_host_addr(info: &mut HostInfo, ifname: &str, addr: Ipv4Addr, prefix: u8) 
     }
     info.addrs.insert(Ipv4Cidr::host(addr));
     if prefix < 32 {
-        if let Ok(cidr) = format!("{addr}/{prefix}").parse::<Ipv4Cidr>() {
+        if let Ok(cidr) = Ipv4Cidr::new(addr, prefix) {
             info.subnets.insert(cidr);
         }
     }

@@ -350,8 +350,8 @@ pub fn main(dir: &Path) -> ! {
 
 /// A supervisor started ahead of need (`EXE supervise-standby PLACEHOLDER`,
 /// the placeholder as long as its future sandbox directory's path): it waits
-/// on [`STANDBY_FD`] for one
-/// message, its sandbox's directory with the listening socket, the log file
+/// on [`STANDBY_FD`] for one message, its sandbox's directory with the
+/// listening socket, the log file
 /// and (if the sandbox has secrets) the secrets pipe attached (SCM_RIGHTS),
 /// puts them where [`main`] expects them (fd 3, fds 1 and 2, fd 4), and goes
 /// on as `supervise DIR` would. The daemon keeps one ready, so that a create
@@ -374,6 +374,7 @@ pub fn standby_main() -> ! {
 
 fn receive_assignment() -> std::io::Result<Option<PathBuf>> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use nix::unistd::{close, dup2};
     use std::os::unix::ffi::OsStringExt;
     // Fds 3 and 4 are taken (by /dev/null) until the received ones replace
     // them, so that what arrives never lands on a number it must move to.
@@ -381,8 +382,7 @@ fn receive_assignment() -> std::io::Result<Option<PathBuf>> {
         let null = std::os::fd::IntoRawFd::into_raw_fd(std::fs::File::open("/dev/null")?);
         if null != fd {
             dup2(null, fd)?;
-            // SAFETY: our own descriptor, just duplicated.
-            unsafe { libc::close(null) };
+            let _ = close(null);
         }
     }
     let mut buf = vec![0u8; 4096];
@@ -414,8 +414,7 @@ fn receive_assignment() -> std::io::Result<Option<PathBuf>> {
         dup2(s, SECRETS_FD)?;
     }
     for fd in fds.into_iter().chain([STANDBY_FD]) {
-        // SAFETY: closes descriptors this process received and owns.
-        unsafe { libc::close(fd) };
+        let _ = close(fd);
     }
     buf.truncate(len);
     Ok(Some(PathBuf::from(std::ffi::OsString::from_vec(buf))))
@@ -459,14 +458,6 @@ fn show_as_supervisor_of(dir: &Path) {
         area[..line.len()].copy_from_slice(&line);
         area[line.len()..].fill(0);
     }
-}
-
-fn dup2(from: i32, to: i32) -> std::io::Result<()> {
-    // SAFETY: dup2 on descriptors this process owns.
-    if unsafe { libc::dup2(from, to) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 fn run(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
