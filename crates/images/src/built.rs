@@ -796,7 +796,7 @@ impl ImageStore {
         fs::create_dir_all(&d)?;
         fs::set_permissions(&d, fs::Permissions::from_mode(0o755))?;
         if shim {
-            crate::recipe::install_statx_fix(&tmp.join("diff"))?;
+            crate::statx::install_preload(&tmp.join("diff"))?;
         }
         let meta = LayerMeta {
             key: key.clone(),

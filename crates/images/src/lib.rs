@@ -25,6 +25,7 @@ mod built;
 mod fsutil;
 mod recipe;
 pub mod registry;
+mod statx;
 mod step;
 
 pub use built::{check_tag, is_image_id, validate_spec, BuildFailure, BuildOptions, ImageConfig};

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::{fsutil, ImageError};
 
 /// Bumped when a recipe changes what it produces; stored in image.json.
-pub const RECIPE_VERSION: u32 = 4;
+pub const RECIPE_VERSION: u32 = 5;
 
 pub(crate) const STD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -133,7 +133,7 @@ pub fn build(
     }
 }
 
-fn build_err(image: &str, reason: impl Into<String>) -> ImageError {
+pub(crate) fn build_err(image: &str, reason: impl Into<String>) -> ImageError {
     ImageError::Build {
         image: image.to_string(),
         reason: reason.into(),
@@ -341,7 +341,7 @@ fn build_debian_slim(
             format!("{tool} succeeded but {} is missing", python.display()),
         ));
     }
-    install_statx_fix(rootfs)?;
+    crate::statx::install(rootfs)?;
     allow_system_pip(rootfs)?;
     finalize(IMG, rootfs)?;
     Ok(vec![
@@ -369,47 +369,6 @@ fn allow_system_pip(rootfs: &Path) -> Result<(), ImageError> {
         }
     }
     Ok(())
-}
-
-/// Compiles `statx_fix.c` (see there: `ls` fails under this gVisor without
-/// it) against the host's glibc, which is bookworm's too, and preloads it.
-pub(crate) fn install_statx_fix(rootfs: &Path) -> Result<(), ImageError> {
-    const IMG: &str = "debian-slim";
-    const SOURCE: &str = include_str!("statx_fix.c");
-    let dir = rootfs.join("usr/lib/gworker");
-    fs::create_dir_all(&dir).map_err(|e| io_ctx(IMG, "create", &dir, e))?;
-    let src = dir.join("statx-fix.c");
-    fs::write(&src, SOURCE).map_err(|e| io_ctx(IMG, "write", &src, e))?;
-    let so = dir.join("statx-fix.so");
-    let out = std::process::Command::new("cc")
-        .args(["-shared", "-fPIC", "-O2", "-o"])
-        .arg(&so)
-        .arg(&src)
-        .output()
-        .map_err(|e| {
-            build_err(
-                IMG,
-                format!(
-                    "cannot run the C compiler `cc` ({e}); install it with `apt-get install gcc`"
-                ),
-            )
-        })?;
-    if !out.status.success() {
-        return Err(build_err(
-            IMG,
-            format!(
-                "compiling the statx fix failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        ));
-    }
-    fs::create_dir_all(rootfs.join("etc"))
-        .map_err(|e| io_ctx(IMG, "create", &rootfs.join("etc"), e))?;
-    write_file(
-        rootfs,
-        "etc/ld.so.preload",
-        "/usr/lib/gworker/statx-fix.so\n",
-    )
 }
 
 /// What every image must have, whatever made it.
