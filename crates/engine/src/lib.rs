@@ -126,8 +126,15 @@ struct Live {
     /// What the registry already holds of each process (its exit code), so
     /// that recording a status writes only what changed.
     recorded: Mutex<HashMap<u32, Option<i32>>>,
-    /// The image's environment, read once.
-    image_env: Mutex<Option<Vec<(String, String)>>>,
+    /// What every exec starts from, read from the registry once.
+    exec_base: Mutex<Option<Arc<ExecBase>>>,
+}
+
+/// What every exec of a sandbox starts from; fixed when it is created.
+struct ExecBase {
+    image_env: Vec<(String, String)>,
+    env: Vec<(String, String)>,
+    workdir: Option<String>,
 }
 
 impl Live {
@@ -136,7 +143,7 @@ impl Live {
             sup,
             ready,
             recorded: Mutex::new(HashMap::new()),
-            image_env: Mutex::new(None),
+            exec_base: Mutex::new(None),
         })
     }
 }
@@ -717,7 +724,11 @@ impl Engine {
         self.reg.insert_sandbox(&row)?;
         let (_tx, rx) = watch::channel(Ready::Up);
         let live = Live::new(sup, rx);
-        *live.image_env.lock().unwrap() = Some(image_env);
+        *live.exec_base.lock().unwrap() = Some(Arc::new(ExecBase {
+            image_env,
+            env: row.env.clone(),
+            workdir: row.workdir.clone(),
+        }));
         self.live.lock().unwrap().insert(row.id.clone(), live);
         Ok(self.view(&row, None))
     }
@@ -976,18 +987,17 @@ impl Engine {
     }
 
     fn recorded_exit(&self, id: &str, pid: Option<u32>) -> Result<Option<Option<i32>>> {
+        // A live sandbox's cache knows every exit it recorded, and every
+        // process this daemon started (without a registry read).
+        if let (Some(p), Some(live)) = (pid, self.live(id)) {
+            if let Some(code) = live.recorded.lock().unwrap().get(&p) {
+                return Ok(code.map(Some));
+            }
+        }
         let row = self.row(id)?;
         Ok(match pid {
             None => (row.state == "exited").then_some(row.exit_code),
-            Some(p) => {
-                // A live sandbox's cache knows every exit it recorded.
-                if let Some(live) = self.live(id) {
-                    if let Some(code) = live.recorded.lock().unwrap().get(&p) {
-                        return Ok(code.map(Some));
-                    }
-                }
-                self.reg.process_exit(id, p)?.map(Some)
-            }
+            Some(p) => self.reg.process_exit(id, p)?.map(Some),
         })
     }
 
@@ -999,14 +1009,13 @@ impl Engine {
         if let Some(w) = &req.workdir {
             check_workdir(w)?;
         }
-        let row = self.row(id)?;
         let live = self.up(id).await?;
-        let image_env = self.image_env(&live, &row.image);
+        let base = self.exec_base(id, &live)?;
         let exec_env: Vec<(String, String)> = env.into_iter().collect();
         let spec = ProcSpec {
             argv: req.cmd.clone(),
-            env: merge_env(&[&image_env, &row.env, &exec_env]),
-            over_secrets: row
+            env: merge_env(&[&base.image_env, &base.env, &exec_env]),
+            over_secrets: base
                 .env
                 .iter()
                 .chain(exec_env.iter())
@@ -1015,14 +1024,14 @@ impl Engine {
             // The sandbox's own workdir is created if missing (an idle
             // sandbox has had no entry command to create it); any other
             // workdir of an exec must exist.
-            mkdir_cwd: row.workdir.is_some()
+            mkdir_cwd: base.workdir.is_some()
                 && req
                     .workdir
                     .as_ref()
-                    .is_none_or(|w| Some(w) == row.workdir.as_ref()),
+                    .is_none_or(|w| Some(w) == base.workdir.as_ref()),
             cwd: req
                 .workdir
-                .or(row.workdir.clone())
+                .or(base.workdir.clone())
                 .unwrap_or_else(|| "/".into()),
         };
         check_args_env_size(&spec.argv, &spec.env)?;
@@ -1047,12 +1056,24 @@ impl Engine {
         })
     }
 
-    fn image_env(&self, live: &Live, image: &str) -> Vec<(String, String)> {
-        let mut cached = live.image_env.lock().unwrap();
-        if cached.is_none() {
-            *cached = self.images.ready(image).ok().flatten().map(|i| i.env);
+    /// The sandbox's [`ExecBase`]: read from the registry on its first exec
+    /// (kept once the image's environment was found), then from memory.
+    fn exec_base(&self, id: &str, live: &Live) -> Result<Arc<ExecBase>> {
+        if let Some(base) = live.exec_base.lock().unwrap().clone() {
+            return Ok(base);
         }
-        cached.clone().unwrap_or_default()
+        let row = self.row(id)?;
+        let image_env = self.images.ready(&row.image).ok().flatten().map(|i| i.env);
+        let found = image_env.is_some();
+        let base = Arc::new(ExecBase {
+            image_env: image_env.unwrap_or_default(),
+            env: row.env,
+            workdir: row.workdir,
+        });
+        if found {
+            *live.exec_base.lock().unwrap() = Some(base.clone());
+        }
+        Ok(base)
     }
 
     pub async fn processes(&self, id: &str) -> Result<Vec<api::Process>> {

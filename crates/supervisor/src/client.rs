@@ -1,8 +1,14 @@
-//! The daemon's side of the supervisor socket. Each call is one short-lived
-//! connection, so a daemon restart or a supervisor that went away never leaves
-//! a half-used channel behind.
+//! The daemon's side of the supervisor socket. A call sends one request line
+//! and reads one answer line; its connection is kept for the next call (at
+//! most [`IDLE_CONNS`] per supervisor), which saves a connect and an accept
+//! (with their epoll registrations) on both sides of every exec and wait.
+//! Output streams and stdin writes get a connection of their own. A kept
+//! connection is only ever reused after its answer was read in full, so a
+//! call dropped midway (its HTTP client went away) takes its connection
+//! with it.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,14 +29,21 @@ pub enum ClientError {
     Protocol(String),
 }
 
+/// Idle connections kept per supervisor.
+const IDLE_CONNS: usize = 2;
+
 #[derive(Debug, Clone)]
 pub struct SupClient {
     sock: PathBuf,
+    idle: Arc<Mutex<Vec<BufReader<UnixStream>>>>,
 }
 
 impl SupClient {
     pub fn new(sock: impl Into<PathBuf>) -> SupClient {
-        SupClient { sock: sock.into() }
+        SupClient {
+            sock: sock.into(),
+            idle: Arc::default(),
+        }
     }
 
     pub fn socket(&self) -> &Path {
@@ -49,7 +62,9 @@ impl SupClient {
         Ok(BufReader::new(conn))
     }
 
-    async fn answer(conn: &mut BufReader<UnixStream>) -> Result<serde_json::Value, ClientError> {
+    async fn read_answer(
+        conn: &mut BufReader<UnixStream>,
+    ) -> Result<serde_json::Value, ClientError> {
         let mut line = String::new();
         let n = conn
             .read_line(&mut line)
@@ -68,8 +83,47 @@ impl SupClient {
     }
 
     async fn call(&self, req: &Request) -> Result<serde_json::Value, ClientError> {
-        let mut conn = self.open(req).await?;
-        Self::answer(&mut conn).await
+        let mut line = serde_json::to_vec(req).expect("request serializes");
+        line.push(b'\n');
+        // A kept connection first. One that breaks before any answer was
+        // never read by its supervisor (a supervisor from before connections
+        // were kept answers one request per connection, then closes it):
+        // the request goes on the next one, or a fresh one.
+        loop {
+            let kept = self.idle.lock().unwrap().pop();
+            let Some(mut conn) = kept else { break };
+            if conn.get_mut().write_all(&line).await.is_err() {
+                continue;
+            }
+            match Self::read_answer(&mut conn).await {
+                Err(ClientError::Unreachable(_)) => continue,
+                answered => return self.keep(conn, answered),
+            }
+        }
+        let mut conn = UnixStream::connect(&self.sock)
+            .await
+            .map_err(ClientError::Unreachable)?;
+        conn.write_all(&line)
+            .await
+            .map_err(ClientError::Unreachable)?;
+        let mut conn = BufReader::new(conn);
+        let answered = Self::read_answer(&mut conn).await;
+        self.keep(conn, answered)
+    }
+
+    /// Keeps `conn` for the next call after a complete answer.
+    fn keep(
+        &self,
+        conn: BufReader<UnixStream>,
+        answered: Result<serde_json::Value, ClientError>,
+    ) -> Result<serde_json::Value, ClientError> {
+        if matches!(answered, Ok(_) | Err(ClientError::Sup(_))) && conn.buffer().is_empty() {
+            let mut idle = self.idle.lock().unwrap();
+            if idle.len() < IDLE_CONNS {
+                idle.push(conn);
+            }
+        }
+        answered
     }
 
     fn parse<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, ClientError> {
@@ -120,7 +174,7 @@ impl SupClient {
         offset: u64,
     ) -> Result<OutputReader, ClientError> {
         let mut conn = self.open(&Request::Read { id, stream, offset }).await?;
-        Self::answer(&mut conn).await?;
+        Self::read_answer(&mut conn).await?;
         Ok(OutputReader { conn })
     }
 
@@ -135,7 +189,7 @@ impl SupClient {
             .write_all(data)
             .await
             .map_err(ClientError::Unreachable)?;
-        Self::answer(&mut conn).await.map(|_| ())
+        Self::read_answer(&mut conn).await.map(|_| ())
     }
 
     pub async fn stdin_close(&self, id: u32) -> Result<(), ClientError> {
@@ -209,5 +263,77 @@ impl OutputReader {
             .await
             .map_err(ClientError::Unreachable)?;
         Ok(Some(Bytes::from(buf)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::net::UnixListener;
+
+    /// A stand-in supervisor answering every `signal` request with `{}`;
+    /// `per_conn` requests per connection (then it closes it, as
+    /// supervisors before kept connections did after one). Counts accepts.
+    fn serve(dir: &Path, per_conn: usize) -> (PathBuf, Arc<AtomicUsize>) {
+        let sock = dir.join("sup.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let counted = accepts.clone();
+        tokio::spawn(async move {
+            loop {
+                let (conn, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut conn = BufReader::new(conn);
+                    for _ in 0..per_conn {
+                        let mut line = String::new();
+                        if conn.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        assert!(line.contains("\"op\":\"signal\""), "{line}");
+                        conn.get_mut().write_all(b"{\"ok\":{}}\n").await.unwrap();
+                    }
+                });
+            }
+        });
+        (sock, accepts)
+    }
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("gw-supclient-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[tokio::test]
+    async fn calls_in_a_row_share_one_connection() {
+        let d = tmp("keep");
+        let (sock, accepts) = serve(&d, usize::MAX);
+        let c = SupClient::new(&sock);
+        for _ in 0..5 {
+            c.signal(1, 15).await.unwrap();
+        }
+        assert_eq!(accepts.load(Ordering::SeqCst), 1);
+        // Concurrent calls open their own; at most IDLE_CONNS stay.
+        let (a, b, e) = tokio::join!(c.signal(1, 15), c.signal(1, 15), c.signal(1, 15));
+        a.and(b).and(e).unwrap();
+        assert!(c.idle.lock().unwrap().len() <= IDLE_CONNS);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[tokio::test]
+    async fn a_supervisor_that_closes_after_each_answer_still_gets_every_call() {
+        let d = tmp("one");
+        let (sock, accepts) = serve(&d, 1);
+        let c = SupClient::new(&sock);
+        for _ in 0..4 {
+            c.signal(1, 15).await.unwrap();
+        }
+        // Each call after the first found its kept connection closed and
+        // went on a fresh one.
+        assert_eq!(accepts.load(Ordering::SeqCst), 4);
+        let _ = std::fs::remove_dir_all(&d);
     }
 }

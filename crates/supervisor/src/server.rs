@@ -1344,21 +1344,43 @@ fn kill_sandbox_saying(shared: &Arc<Shared>, reason: &str, message: Option<Strin
     stop_container(shared.clone());
 }
 
+/// Serves one connection: request lines, each answered by one line, until
+/// the daemon closes it (it keeps connections for its next calls), or one
+/// request that streams (output, stdin) or ends the supervisor.
 async fn handle_conn(shared: Arc<Shared>, conn: UnixStream) {
     let (r, mut w) = conn.into_split();
     let mut r = BufReader::new(r);
+    loop {
+        if !handle_request(&shared, &mut r, &mut w).await {
+            return;
+        }
+    }
+}
+
+/// One request of a connection; false when the connection is done.
+async fn handle_request(
+    shared: &Arc<Shared>,
+    r: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+) -> bool {
+    let shared = shared.clone();
     let mut line = String::new();
     // One request line; an exec's argv and env can be large (the daemon
     // accepts bodies up to 16 MiB), so allow that much and a margin.
-    match (&mut r).take(40 * 1024 * 1024).read_line(&mut line).await {
-        Ok(n) if n > 0 => {}
-        _ => return,
+    match r.take(40 * 1024 * 1024).read_line(&mut line).await {
+        Ok(0) | Err(_) => return false,
+        Ok(_) if !line.ends_with('\n') => {
+            let e = SupError::new("invalid_request", "request line too long or cut short");
+            let _ = answer(w, Err(e)).await;
+            return false;
+        }
+        Ok(_) => {}
     }
     let req: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => {
-            let _ = answer(&mut w, Err(SupError::new("invalid_request", e.to_string()))).await;
-            return;
+            let _ = answer(w, Err(SupError::new("invalid_request", e.to_string()))).await;
+            return false;
         }
     };
     let result = match req {
@@ -1369,12 +1391,16 @@ async fn handle_conn(shared: Arc<Shared>, conn: UnixStream) {
         Request::Wait { id, timeout_ms } => wait(&shared, id, timeout_ms).await,
         Request::Read { id, stream, offset } => {
             wait_started(&shared).await;
-            read(&shared, &mut w, id, stream, offset).await;
-            return;
+            read(&shared, w, id, stream, offset).await;
+            return false;
         }
         Request::Stdin { id, len } => {
+            // Its data follows the line (all of it read only on success):
+            // the connection ends with the answer.
             wait_started(&shared).await;
-            stdin(&shared, &mut r, id, len).await
+            let result = stdin(&shared, r, id, len).await;
+            let _ = answer(w, result).await;
+            return false;
         }
         Request::StdinClose { id } => {
             wait_started(&shared).await;
@@ -1396,12 +1422,12 @@ async fn handle_conn(shared: Arc<Shared>, conn: UnixStream) {
         }
         Request::Shutdown => {
             shutdown(&shared).await;
-            let _ = answer(&mut w, Ok(serde_json::Value::Null)).await;
+            let _ = answer(w, Ok(serde_json::Value::Null)).await;
             shared.shutdown.notify_one();
-            return;
+            return false;
         }
     };
-    let _ = answer(&mut w, result).await;
+    answer(w, result).await.is_ok()
 }
 
 async fn answer(
