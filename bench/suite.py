@@ -554,8 +554,9 @@ class Podman:
 
 # ---------------------------------------------------------------- gworker actions
 
-# terminate blocks ~2 s here (it waits for runsc to end): done in the background,
-# off the clock, so that 100-run figures finish in minutes.
+# terminate takes ~15-120 ms (it waits for runsc to end): done in the background,
+# off the clock; cold runs wait for it (reap_all) before their next create, as
+# raw runsc's delete is synchronous.
 REAPER = ThreadPoolExecutor(16)
 REAPING = []
 
@@ -735,6 +736,10 @@ class Suite:
             gw, raw = Samples(), Samples()
             ps = {rt: Samples() for rt, p in peers.items() if p}
             for i in range(runs):
+                # Each side starts with its previous run torn down: raw's
+                # `runsc delete` is synchronous, gworker's terminates run in
+                # the background and are waited for here, off the clock.
+                reap_all()
                 gw.run(gw_create_first_output, image)
                 raw.run(self.raw.run_first_output, self.rootfs(image))
                 if i < peer_runs:
@@ -750,8 +755,10 @@ class Suite:
             # Like with like: no network on either side, and a network on both.
             blocked, raw_net, gw_net = Samples(), Samples(), Samples()
             for _ in range(self.n(30, 8)):
+                reap_all()
                 blocked.run(lambda: gw_create_first_output(image, block_network=True))
                 raw_net.run(self.raw.run_first_output_net, self.rootfs(image))
+                reap_all()
                 gw_net.run(gw_create_first_output, image)
             ok = blocked.ok and pct(blocked.ok, 50) <= 1.15 * pct(raw.ok, 50)
             self.row("f1", f"create->output {image} cold, block_network", blocked, raw=raw,

@@ -707,7 +707,18 @@ impl ImageStore {
                         .symlink_metadata()
                         .is_ok()
                 });
-                let gw = self.gworker_layer(shim)?;
+                // A bookworm glibc gets the fix patched into a copy of its
+                // libc (nothing preloaded into every process); others the
+                // preloaded library.
+                let patched = if shim {
+                    self.patched_libc_layer(&r.layers)?
+                } else {
+                    None
+                };
+                let gw = match patched {
+                    Some(key) => key,
+                    None => self.gworker_layer(shim)?,
+                };
                 lowers.push(gw.clone());
                 Ok(Base {
                     identity: format!("registry:{}+{gw}", r.manifest_digest),
@@ -809,6 +820,53 @@ impl ImageStore {
         self.commit_layer(&tmp, &meta)?;
         guard.0 = None;
         Ok(key)
+    }
+
+    /// [`Self::gworker_layer`] with the statx fix as the image's own libc,
+    /// patched (`statx.rs`), when `layers` hold a glibc it knows: a layer
+    /// per libc (keyed by its digest). `None` when they do not.
+    fn patched_libc_layer(&self, layers: &[String]) -> Result<Option<String>, ImageError> {
+        // The topmost layer that has the path decides (a whiteout or a
+        // symlink there: not handled, the preload it is).
+        let Some(found) = layers.iter().rev().find_map(|l| {
+            crate::statx::LIBC_PATHS.iter().find_map(|rel| {
+                let p = self.layer_dir(l).join("diff").join(rel);
+                p.symlink_metadata().ok().map(|m| (p, *rel, m.is_file()))
+            })
+        }) else {
+            return Ok(None);
+        };
+        let (libc, rel, true) = found else {
+            return Ok(None);
+        };
+        let digest = sha256_hex(&[&fs::read(&libc)?]);
+        let key = format!(
+            "gworker-base-v3-libc-{}",
+            &sha256_hex(&[rel.as_bytes(), digest.as_bytes()])[..32]
+        );
+        let dir = self.layer_dir(&key);
+        if dir.join("layer.json").is_file() {
+            return Ok(Some(key));
+        }
+        let tmp = self.new_tmp_layer_dir(&key)?;
+        let mut guard = RemoveOnDrop(Some(tmp.clone()));
+        let d = tmp.join("diff/.gworker");
+        fs::create_dir_all(&d)?;
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o755))?;
+        if !crate::statx::install_patched_libc(&libc, rel, &tmp.join("diff"))? {
+            return Ok(None);
+        }
+        let meta = LayerMeta {
+            key: key.clone(),
+            parent: None,
+            description: "gworker agent mount point, libc with the statx fix".into(),
+            size_bytes: crate::fsutil::tree_size(&tmp.join("diff"))?,
+            created_at: now_secs(),
+            config: ImageConfig::default(),
+        };
+        self.commit_layer(&tmp, &meta)?;
+        guard.0 = None;
+        Ok(Some(key))
     }
 
     pub(crate) fn new_tmp_layer_dir(&self, key: &str) -> Result<PathBuf, ImageError> {

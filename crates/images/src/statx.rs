@@ -30,6 +30,8 @@ const FIX_SO: &str = "usr/lib/gworker/statx-fix.so";
 const GUARD: &str = "usr/lib/gworker/statx-guard";
 const DPKG_HOOK: &str = "etc/dpkg/dpkg.cfg.d/gworker-statx";
 const LIBC: &str = "usr/lib/x86_64-linux-gnu/libc.so.6";
+/// Where an image's glibc may be: merged /usr (Debian 12), or /lib.
+pub(crate) const LIBC_PATHS: [&str; 2] = [LIBC, "lib/x86_64-linux-gnu/libc.so.6"];
 
 /// glibc 2.36's `statx` (Debian bookworm, x86_64): `mov %ecx,%r10d;
 /// mov $0x14c,%eax; syscall`, then at +56 the 8-byte `nopl` that aligns
@@ -49,7 +51,7 @@ pub(crate) fn install(rootfs: &Path) -> Result<(), ImageError> {
     compile_library(rootfs)?;
     match patch_libc(&rootfs.join(LIBC)) {
         Ok(Some(offset)) => {
-            install_guard(rootfs, offset)?;
+            install_guard(rootfs, LIBC, offset)?;
             // No preload: a rootfs built before this fix may have one.
             match fs::remove_file(rootfs.join("etc/ld.so.preload")) {
                 Ok(()) => Ok(()),
@@ -117,23 +119,74 @@ pub(crate) fn patch_libc(libc: &Path) -> Result<Option<u64>, ImageError> {
         return Ok(None);
     }
     let mut data = fs::read(libc)?;
-    let Some(off) = statx_offset(&data) else {
-        return Ok(None);
-    };
-    let at = |from: usize, len: usize| data.get(off + from..off + from + len);
-    if at(0, 8) == Some(&PATCHED_HEAD[..]) && at(PAD_AT, 8) == Some(&PATCHED_PAD[..]) {
-        return Ok(Some(off as u64));
+    match patch_bytes(&mut data) {
+        Patch::Unknown => Ok(None),
+        Patch::Already(off) => Ok(Some(off)),
+        Patch::Applied(off) => {
+            let tmp = libc.with_extension("6.gworker-tmp");
+            fs::write(&tmp, &data)?;
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(meta.permissions().mode()))?;
+            fs::rename(&tmp, libc)?;
+            Ok(Some(off))
+        }
     }
-    if at(0, STATX_HEAD.len()) != Some(&STATX_HEAD[..]) || at(PAD_AT, 8) != Some(&STATX_PAD[..]) {
-        return Ok(None);
+}
+
+/// What [`patch_bytes`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Patch {
+    /// Patched now; `statx` is at this file offset.
+    Applied(u64),
+    /// Already patched.
+    Already(u64),
+    /// Not a glibc whose `statx` this knows: untouched.
+    Unknown,
+}
+
+/// Patches a glibc's bytes in memory (see [`patch_libc`]).
+pub(crate) fn patch_bytes(data: &mut [u8]) -> Patch {
+    let Some(off) = statx_offset(data) else {
+        return Patch::Unknown;
+    };
+    let at = |data: &[u8], from: usize, len: usize| {
+        data.get(off + from..off + from + len).map(<[u8]>::to_vec)
+    };
+    if at(data, 0, 8).as_deref() == Some(&PATCHED_HEAD[..])
+        && at(data, PAD_AT, 8).as_deref() == Some(&PATCHED_PAD[..])
+    {
+        return Patch::Already(off as u64);
+    }
+    if at(data, 0, STATX_HEAD.len()).as_deref() != Some(&STATX_HEAD[..])
+        || at(data, PAD_AT, 8).as_deref() != Some(&STATX_PAD[..])
+    {
+        return Patch::Unknown;
     }
     data[off..off + 8].copy_from_slice(&PATCHED_HEAD);
     data[off + PAD_AT..off + PAD_AT + 8].copy_from_slice(&PATCHED_PAD);
-    let tmp = libc.with_extension("6.gworker-tmp");
-    fs::write(&tmp, &data)?;
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(meta.permissions().mode()))?;
-    fs::rename(&tmp, libc)?;
-    Ok(Some(off as u64))
+    Patch::Applied(off as u64)
+}
+
+/// The fix for an image whose glibc is `libc` (a file in one of its
+/// layers, at `rel` in the image), as the files of a layer on top, written
+/// under `diff`: its libc patched, with the dpkg guard. `false` (nothing
+/// written) when this glibc's `statx` is not one [`patch_bytes`] knows.
+pub(crate) fn install_patched_libc(
+    libc: &Path,
+    rel: &str,
+    diff: &Path,
+) -> Result<bool, ImageError> {
+    let meta = libc.symlink_metadata()?;
+    let mut data = fs::read(libc)?;
+    let Patch::Applied(offset) = patch_bytes(&mut data) else {
+        return Ok(false);
+    };
+    let dest = diff.join(rel);
+    fs::create_dir_all(dest.parent().expect("LIBC has a directory"))?;
+    fs::write(&dest, &data)?;
+    fs::set_permissions(&dest, fs::Permissions::from_mode(meta.permissions().mode()))?;
+    compile_library(diff)?;
+    install_guard(diff, rel, offset)?;
+    Ok(true)
 }
 
 /// The file offset of the dynamic symbol `statx` in an ELF file.
@@ -154,8 +207,9 @@ fn statx_offset(data: &[u8]) -> Option<usize> {
     })
 }
 
-/// The dpkg hook (see the module's doc) for libc patched at `offset`.
-fn install_guard(rootfs: &Path, offset: u64) -> Result<(), ImageError> {
+/// The dpkg hook (see the module's doc) for the libc at `libc` (in the
+/// image) patched at `offset`.
+fn install_guard(rootfs: &Path, libc: &str, offset: u64) -> Result<(), ImageError> {
     let patched: String = PATCHED_HEAD.iter().map(|b| format!("{b:02x}")).collect();
     let script = format!(
         "#!/bin/sh\n\
@@ -169,7 +223,7 @@ fn install_guard(rootfs: &Path, offset: u64) -> Result<(), ImageError> {
          pre)\n\
          \x20   grep -qxF \"$so\" \"$pre\" 2>/dev/null || echo \"$so\" >> \"$pre\" ;;\n\
          post)\n\
-         \x20   if [ \"$(od -An -tx1 -j {offset} -N 8 /{LIBC} | tr -d ' \\n')\" = {patched} ]; then\n\
+         \x20   if [ \"$(od -An -tx1 -j {offset} -N 8 /{libc} | tr -d ' \\n')\" = {patched} ]; then\n\
          \x20       sed -i \"\\|^$so\\$|d\" \"$pre\"\n\
          \x20       [ -s \"$pre\" ] || rm -f \"$pre\"\n\
          \x20   fi ;;\n\
