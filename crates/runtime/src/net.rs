@@ -1033,9 +1033,35 @@ fn del_links(names: &[String]) -> Result<(), NetError> {
 /// short-lived thread and kept by a bind mount of it on `/run/netns/NAME`,
 /// which is made a shared mount point first, as `ip` does, so that the
 /// namespace shows in every mount namespace. `ip` remains the fallback.
+/// A network namespace made ahead of the sandbox that will use it (see
+/// [`premake_netns`]).
+static PREMADE: std::sync::Mutex<Option<std::os::fd::OwnedFd>> = std::sync::Mutex::new(None);
+
+/// Makes an empty network namespace now for this process's next
+/// [`SandboxNet::create_netns`], which then only bind-mounts it: a standby
+/// supervisor calls this while it waits for its sandbox, since
+/// `unshare(CLONE_NEWNET)` takes ~0.5 ms and the netns is made before runsc
+/// can start.
+pub fn premake_netns() -> io::Result<()> {
+    let fd = std::thread::spawn(|| -> io::Result<std::os::fd::OwnedFd> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+        Ok(fs::File::open("/proc/thread-self/ns/net")?.into())
+    })
+    .join()
+    .map_err(|_| io::Error::other("the netns thread panicked"))??;
+    *PREMADE.lock().unwrap_or_else(|e| e.into_inner()) = Some(fd);
+    Ok(())
+}
+
+/// Drops a namespace [`premake_netns`] made (a sandbox without a network).
+pub fn discard_premade_netns() {
+    PREMADE.lock().unwrap_or_else(|e| e.into_inner()).take();
+}
+
 fn add_netns(name: &str) -> Result<(), NetError> {
     let path = Path::new(NETNS_DIR).join(name);
-    if let Err(e) = add_netns_here(&path) {
+    let premade = PREMADE.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Err(e) = add_netns_here(&path, premade) {
         tracing::debug!(name, error = %e, "making the netns in-process failed; using ip");
         let _ = fs::remove_file(&path);
         run("ip", &["netns", "add", name], None)?;
@@ -1049,7 +1075,8 @@ fn add_netns(name: &str) -> Result<(), NetError> {
     Ok(())
 }
 
-fn add_netns_here(path: &Path) -> io::Result<()> {
+/// Makes the netns `path` names: `premade` (see [`premake_netns`]) or a new one.
+fn add_netns_here(path: &Path, premade: Option<std::os::fd::OwnedFd>) -> io::Result<()> {
     use nix::mount::{mount, MsFlags};
     use std::os::unix::fs::OpenOptionsExt;
     fs::create_dir_all(NETNS_DIR)?;
@@ -1078,6 +1105,18 @@ fn add_netns_here(path: &Path) -> io::Result<()> {
         .create_new(true)
         .mode(0o000)
         .open(path)?;
+    if let Some(fd) = premade {
+        use std::os::fd::AsRawFd;
+        let source = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        mount(
+            Some(source.as_str()),
+            path,
+            Some("none"),
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )?;
+        return Ok(());
+    }
     let target = path.to_path_buf();
     // unshare(CLONE_NEWNET) moves only the calling thread: a thread of its
     // own, whose namespace outlives it through the bind mount.
@@ -1904,7 +1943,7 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let name = format!("gwtest-{}", std::process::id());
         let path = Path::new(NETNS_DIR).join(&name);
-        add_netns_here(&path).unwrap();
+        add_netns_here(&path, None).unwrap();
         let ns = fs::metadata(&path).unwrap();
         let ours = fs::metadata("/proc/self/ns/net").unwrap();
         assert_eq!(ns.dev(), ours.dev(), "not an nsfs bind mount");
@@ -1915,6 +1954,48 @@ mod tests {
         assert!(!path.exists());
         let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
         assert!(!mounts.contains(&name), "left mounted");
+    }
+
+    /// A namespace made ahead (as a standby supervisor does) is the one the
+    /// path then names.
+    #[test]
+    fn a_premade_netns_is_the_one_mounted() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        use std::os::unix::fs::MetadataExt;
+        let premade: std::os::fd::OwnedFd = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            fs::File::open("/proc/thread-self/ns/net").unwrap().into()
+        })
+        .join()
+        .unwrap();
+        let made = fs::File::from(premade.try_clone().unwrap())
+            .metadata()
+            .unwrap();
+        let name = format!("gwtest-pre-{}", std::process::id());
+        let path = Path::new(NETNS_DIR).join(&name);
+        add_netns_here(&path, Some(premade)).unwrap();
+        let ns = fs::metadata(&path).unwrap();
+        assert_eq!((ns.dev(), ns.ino()), (made.dev(), made.ino()));
+        let ours = fs::metadata("/proc/self/ns/net").unwrap();
+        assert_ne!(ns.ino(), ours.ino(), "our own netns");
+        // A veth can be moved into it by name, as setup does.
+        let veth = format!("gwtp{}", std::process::id() % 100000);
+        run(
+            "ip",
+            &[
+                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &name,
+            ],
+            None,
+        )
+        .unwrap();
+        let links = run("ip", &["-netns", &name, "-o", "link", "show"], None).unwrap();
+        let _ = run("ip", &["link", "del", &veth], None);
+        del_netns(&name).unwrap();
+        assert!(links.contains("eth0"), "{links}");
+        assert!(!path.exists());
     }
 
     #[test]

@@ -385,6 +385,9 @@ fn receive_assignment() -> std::io::Result<Option<PathBuf>> {
             let _ = close(null);
         }
     }
+    // The sandbox's netns is made while waiting (on a number above 4, now
+    // that 3 and 4 are taken); dropped if the sandbox has no network.
+    let _ = gworker_runtime::net::premake_netns();
     let mut buf = vec![0u8; 4096];
     let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 3]);
     let (len, fds) = {
@@ -656,13 +659,10 @@ async fn prepare(
             .net_state_dir
             .clone()
             .ok_or("a networked sandbox needs net_state_dir")?;
-        let id = cfg.sandbox_id.clone();
-        let netns = tokio::task::spawn_blocking(move || {
-            gworker_runtime::net::SandboxNet::create_netns(&id, &state)
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("cannot set up the sandbox's network: {e}"))?;
+        // On this thread: nothing else runs before runsc starts, and a
+        // standby made the namespace already (a bind mount is left to do).
+        let netns = gworker_runtime::net::SandboxNet::create_netns(&cfg.sandbox_id, &state)
+            .map_err(|e| format!("cannot set up the sandbox's network: {e}"))?;
         let resolv = dir.join("resolv.conf");
         std::fs::write(&resolv, gworker_runtime::net::SandboxNet::resolv_conf())
             .map_err(|e| format!("cannot write {}: {e}", resolv.display()))
@@ -672,6 +672,7 @@ async fn prepare(
             .inspect_err(|_| remove_network(cfg))?;
         (Some((netns, resolv)), Some(gate))
     } else {
+        gworker_runtime::net::discard_premade_netns();
         (None, None)
     };
     gworker_runtime::write_bundle(
