@@ -121,3 +121,23 @@ def test_tcp_with_token(tcp_daemon, monkeypatch):
     with Sandbox.create(["sh", "-c", "echo over tcp"], image=BUSYBOX, timeout=60) as sb:
         assert sb.stdout.read() == "over tcp\n"
         assert sb.wait(timeout=60) == 0
+
+
+def test_output_streams_read_to_their_end_share_one_connection(running_sandbox):
+    # A stream read to its end leaves its connection for the next stream:
+    # run() reads stdout, then stderr, each to the end.
+    t = running_sandbox._transport
+    with t._idle_lock:
+        t._idle.clear()
+    assert run(running_sandbox, ["echo", "a"]) == (0, "a\n", "")
+    assert len(t._idle) == 1
+    kept = t._idle[0]
+    for word in ("b", "c"):
+        assert run(running_sandbox, ["echo", word]) == (0, f"{word}\n", "")
+    assert t._idle == [kept]
+    # One dropped before its end closes its connection instead.
+    p = running_sandbox.exec(["sh", "-c", "echo start; sleep 3"])
+    assert p.stdout.readline() == "start\n"
+    assert t._idle == []  # its connection is the stream's
+    p.stdout.close()
+    assert t._idle == []

@@ -2,7 +2,8 @@
 //! and reads one answer line; its connection is kept for the next call (at
 //! most [`IDLE_CONNS`] per supervisor), which saves a connect and an accept
 //! (with their epoll registrations) on both sides of every exec and wait.
-//! Output streams and stdin writes get a connection of their own. A kept
+//! An output stream's connection is kept too once the stream ended cleanly;
+//! stdin writes get a connection of their own. A kept
 //! connection is only ever reused after its answer was read in full, so a
 //! call dropped midway (its HTTP client went away) takes its connection
 //! with it.
@@ -83,6 +84,23 @@ impl SupClient {
     }
 
     async fn call(&self, req: &Request) -> Result<serde_json::Value, ClientError> {
+        let (conn, answered) = self.request(req).await?;
+        self.keep(conn, answered)
+    }
+
+    /// Sends `req` on a kept connection or a fresh one; returns the
+    /// connection with its answer (an error answer included: the
+    /// connection is fine), or the failure to get one.
+    async fn request(
+        &self,
+        req: &Request,
+    ) -> Result<
+        (
+            BufReader<UnixStream>,
+            Result<serde_json::Value, ClientError>,
+        ),
+        ClientError,
+    > {
         let mut line = serde_json::to_vec(req).expect("request serializes");
         line.push(b'\n');
         // A kept connection first. One that breaks before any answer was
@@ -97,7 +115,7 @@ impl SupClient {
             }
             match Self::read_answer(&mut conn).await {
                 Err(ClientError::Unreachable(_)) => continue,
-                answered => return self.keep(conn, answered),
+                answered => return Ok((conn, answered)),
             }
         }
         let mut conn = UnixStream::connect(&self.sock)
@@ -107,8 +125,10 @@ impl SupClient {
             .await
             .map_err(ClientError::Unreachable)?;
         let mut conn = BufReader::new(conn);
-        let answered = Self::read_answer(&mut conn).await;
-        self.keep(conn, answered)
+        match Self::read_answer(&mut conn).await {
+            Err(e @ ClientError::Unreachable(_)) => Err(e),
+            answered => Ok((conn, answered)),
+        }
     }
 
     /// Keeps `conn` for the next call after a complete answer.
@@ -117,11 +137,8 @@ impl SupClient {
         conn: BufReader<UnixStream>,
         answered: Result<serde_json::Value, ClientError>,
     ) -> Result<serde_json::Value, ClientError> {
-        if matches!(answered, Ok(_) | Err(ClientError::Sup(_))) && conn.buffer().is_empty() {
-            let mut idle = self.idle.lock().unwrap();
-            if idle.len() < IDLE_CONNS {
-                idle.push(conn);
-            }
+        if matches!(answered, Ok(_) | Err(ClientError::Sup(_))) {
+            keep_idle(&self.idle, conn);
         }
         answered
     }
@@ -173,9 +190,16 @@ impl SupClient {
         stream: StreamName,
         offset: u64,
     ) -> Result<OutputReader, ClientError> {
-        let mut conn = self.open(&Request::Read { id, stream, offset }).await?;
-        Self::read_answer(&mut conn).await?;
-        Ok(OutputReader { conn })
+        let (conn, answered) = self.request(&Request::Read { id, stream, offset }).await?;
+        if let Err(e) = answered {
+            // An error answer (no such process, output discarded) leaves
+            // the connection usable.
+            return Err(self.keep(conn, Err(e)).unwrap_err());
+        }
+        Ok(OutputReader {
+            conn: Some(conn),
+            idle: self.idle.clone(),
+        })
     }
 
     pub async fn stdin(&self, id: u32, data: &[u8]) -> Result<(), ClientError> {
@@ -239,27 +263,45 @@ impl SupClient {
     }
 }
 
-/// Chunks of one output stream, as the supervisor sends them.
+/// Keeps `conn` (its last answer read in full) for a next call, up to
+/// [`IDLE_CONNS`].
+fn keep_idle(idle: &Mutex<Vec<BufReader<UnixStream>>>, conn: BufReader<UnixStream>) {
+    if conn.buffer().is_empty() {
+        let mut idle = idle.lock().unwrap();
+        if idle.len() < IDLE_CONNS {
+            idle.push(conn);
+        }
+    }
+}
+
+/// Chunks of one output stream, as the supervisor sends them. Its
+/// connection serves the supervisor's next call once the stream ended
+/// cleanly (supervisors keep the connection after the end marker).
 pub struct OutputReader {
-    conn: BufReader<UnixStream>,
+    conn: Option<BufReader<UnixStream>>,
+    idle: Arc<Mutex<Vec<BufReader<UnixStream>>>>,
 }
 
 impl OutputReader {
     /// The next chunk; `Ok(None)` when the stream ended cleanly, an error when
     /// the connection broke (the caller may resume from its offset).
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, ClientError> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(None);
+        };
         let mut len = [0u8; 4];
-        self.conn
-            .read_exact(&mut len)
+        conn.read_exact(&mut len)
             .await
             .map_err(ClientError::Unreachable)?;
         let n = u32::from_le_bytes(len) as usize;
         if n == 0 {
+            if let Some(conn) = self.conn.take() {
+                keep_idle(&self.idle, conn);
+            }
             return Ok(None);
         }
         let mut buf = vec![0u8; n];
-        self.conn
-            .read_exact(&mut buf)
+        conn.read_exact(&mut buf)
             .await
             .map_err(ClientError::Unreachable)?;
         Ok(Some(Bytes::from(buf)))
@@ -272,7 +314,8 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::net::UnixListener;
 
-    /// A stand-in supervisor answering every `signal` request with `{}`;
+    /// A stand-in supervisor answering every `signal` request with `{}` and
+    /// every `read` with a stream of "hi";
     /// `per_conn` requests per connection (then it closes it, as
     /// supervisors before kept connections did after one). Counts accepts.
     fn serve(dir: &Path, per_conn: usize) -> (PathBuf, Arc<AtomicUsize>) {
@@ -290,6 +333,15 @@ mod tests {
                         let mut line = String::new();
                         if conn.read_line(&mut line).await.unwrap_or(0) == 0 {
                             return;
+                        }
+                        if line.contains("\"op\":\"read\"") {
+                            // The answer, one chunk "hi", the end marker.
+                            let mut out = b"{\"ok\":{\"offset\":0}}\n".to_vec();
+                            out.extend_from_slice(&2u32.to_le_bytes());
+                            out.extend_from_slice(b"hi");
+                            out.extend_from_slice(&0u32.to_le_bytes());
+                            conn.get_mut().write_all(&out).await.unwrap();
+                            continue;
                         }
                         assert!(line.contains("\"op\":\"signal\""), "{line}");
                         conn.get_mut().write_all(b"{\"ok\":{}}\n").await.unwrap();
@@ -320,6 +372,27 @@ mod tests {
         let (a, b, e) = tokio::join!(c.signal(1, 15), c.signal(1, 15), c.signal(1, 15));
         a.and(b).and(e).unwrap();
         assert!(c.idle.lock().unwrap().len() <= IDLE_CONNS);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[tokio::test]
+    async fn an_output_stream_read_to_its_end_leaves_its_connection_for_the_next_call() {
+        let d = tmp("read");
+        let (sock, accepts) = serve(&d, usize::MAX);
+        let c = SupClient::new(&sock);
+        for _ in 0..3 {
+            let mut r = c.read(1, StreamName::Stdout, 0).await.unwrap();
+            assert_eq!(r.next_chunk().await.unwrap().as_deref(), Some(&b"hi"[..]));
+            assert_eq!(r.next_chunk().await.unwrap(), None);
+            assert_eq!(r.next_chunk().await.unwrap(), None);
+            c.signal(1, 15).await.unwrap();
+        }
+        assert_eq!(accepts.load(Ordering::SeqCst), 1);
+        // A stream dropped before its end takes its connection with it.
+        let r = c.read(1, StreamName::Stdout, 0).await.unwrap();
+        drop(r);
+        c.signal(1, 15).await.unwrap();
+        assert_eq!(accepts.load(Ordering::SeqCst), 2);
         let _ = std::fs::remove_dir_all(&d);
     }
 

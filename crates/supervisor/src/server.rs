@@ -1347,7 +1347,8 @@ fn kill_sandbox_saying(shared: &Arc<Shared>, reason: &str, message: Option<Strin
 
 /// Serves one connection: request lines, each answered by one line, until
 /// the daemon closes it (it keeps connections for its next calls), or one
-/// request that streams (output, stdin) or ends the supervisor.
+/// request that ends it: stdin data, an output stream that did not end
+/// cleanly, a shutdown.
 async fn handle_conn(shared: Arc<Shared>, conn: UnixStream) {
     let (r, mut w) = conn.into_split();
     let mut r = BufReader::new(r);
@@ -1392,8 +1393,7 @@ async fn handle_request(
         Request::Wait { id, timeout_ms } => wait(&shared, id, timeout_ms).await,
         Request::Read { id, stream, offset } => {
             wait_started(&shared).await;
-            read(&shared, w, id, stream, offset).await;
-            return false;
+            return read(&shared, w, id, stream, offset).await;
         }
         Request::Stdin { id, len } => {
             // Its data follows the line (all of it read only on success):
@@ -1637,7 +1637,7 @@ async fn read(
     id: u32,
     stream: StreamName,
     mut offset: u64,
-) {
+) -> bool {
     let s = match stream {
         StreamName::Stdout => Stream::Stdout,
         StreamName::Stderr => Stream::Stderr,
@@ -1657,9 +1657,11 @@ async fn read(
             )),
             Some(_) => Ok(serde_json::json!({ "offset": offset })),
         };
+        // An error answered leaves the connection to the next request.
         let failed = check.is_err();
-        if answer(w, check).await.is_err() || failed {
-            return;
+        let sent = answer(w, check).await.is_ok();
+        if failed || !sent {
+            return sent;
         }
     }
     let mut chunk = Vec::with_capacity(READ_CHUNK + 4);
@@ -1672,11 +1674,11 @@ async fn read(
         {
             let mut st = shared.lock();
             let Some(p) = st.procs.get_mut(&id) else {
-                return;
+                return false;
             };
             let o = &mut p.out[sidx(s)];
             if offset < o.start {
-                return; // evicted under us: end without the clean marker, the reader will see 410
+                return false; // evicted under us: end without the clean marker, the reader will see 410
             }
             let end = o.end();
             if offset < end {
@@ -1706,12 +1708,12 @@ async fn read(
             }
         }
         if done {
-            let _ = w.write_all(&0u32.to_le_bytes()).await;
-            return;
+            // The end marker; the connection then serves the next request.
+            return w.write_all(&0u32.to_le_bytes()).await.is_ok();
         }
         if !chunk.is_empty() {
             if w.write_all(&chunk).await.is_err() {
-                return;
+                return false;
             }
             continue;
         }

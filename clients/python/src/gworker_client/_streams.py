@@ -92,7 +92,9 @@ class StreamReader:
                 error = e
             else:
                 if not data:  # the final chunk: the process closed the stream
-                    self.close()
+                    if self._conn is not None:
+                        self._transport.release(self._conn, self._resp)
+                    self._conn = self._resp = None
                     self._eof = True
                     return b""
                 self._offset += len(data)

@@ -2,7 +2,8 @@
 
 Owns: where the daemon is (``GWORKER_URL`` / ``GWORKER_TOKEN`` / the default
 socket), one keep-alive connection per thread for ordinary requests, dedicated
-connections for output streams, and the translation of error answers into
+connections for output streams (kept for the next stream once a stream was
+read to its end), and the translation of error answers into
 :mod:`gworker_client.exceptions`. It knows nothing about sandboxes.
 """
 
@@ -15,7 +16,7 @@ import select
 import socket
 import threading
 import urllib.parse
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .exceptions import DaemonUnavailableError, GworkerError, error_from_response
 
@@ -25,6 +26,8 @@ _USER_AGENT = "gworker-client-python/0.1.0"
 #: Socket timeout of ordinary requests. Generous: an exec on a sandbox that is
 #: still starting waits for it (a first image build takes tens of seconds).
 REQUEST_TIMEOUT = 300.0
+#: Connections kept for the next output stream (any thread's).
+IDLE_STREAM_CONNS = 4
 
 
 def default_socket_path() -> str:
@@ -104,6 +107,8 @@ class Transport:
         else:
             raise ValueError(f"unsupported GWORKER_URL {url!r}: use unix:///path/to.sock or http://host:port")
         self._local = threading.local()
+        self._idle: List[http.client.HTTPConnection] = []
+        self._idle_lock = threading.Lock()
 
     @classmethod
     def from_env(cls) -> "Transport":
@@ -245,18 +250,49 @@ class Transport:
         Returns the connection and the response positioned at the body. Any
         failure to talk raises :class:`DaemonUnavailableError`; an error answer
         raises the exception for its code."""
-        conn = self._new_connection(None)
-        self._connect(conn)
+        conn = self._kept_stream_connection() if method == "GET" else None
+        reused = conn is not None
+        if conn is None:
+            conn = self._new_connection(None)
+            self._connect(conn)
         try:
             conn.request(method, path, body=body, headers=self._headers("application/json" if body else None))
             resp = conn.getresponse()
-            if resp.status != 200:
-                data = resp.read()
-                conn.close()
-                raise self.error(resp.status, data)
-            return conn, resp
+            data = resp.read() if resp.status != 200 else b""
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+            conn.close()
+            if reused:
+                # The daemon closed the kept connection (a restart): the
+                # request never reached it. Again on a fresh one.
+                return self.open_stream(path, method=method, body=body)
+            raise self.unavailable(f"connection lost: {e!r}") from e
         except (OSError, http.client.HTTPException) as e:
             conn.close()
-            if isinstance(e, GworkerError):
-                raise
             raise self.unavailable(f"connection lost: {e!r}") from e
+        if resp.status != 200:
+            self.release(conn, resp)
+            raise self.error(resp.status, data)
+        return conn, resp
+
+    def _kept_stream_connection(self) -> Optional[http.client.HTTPConnection]:
+        """A connection a finished stream left, still open, or None."""
+        while True:
+            with self._idle_lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return None
+            if conn.sock is not None and not _peer_closed(conn.sock):
+                conn.sock.settimeout(None)
+                return conn
+            conn.close()
+
+    def release(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+        """Done with a stream's connection: kept for the next stream when its
+        response was read to the end and the daemon keeps it open, else
+        closed."""
+        if resp.isclosed() and not resp.will_close and conn.sock is not None:
+            with self._idle_lock:
+                if len(self._idle) < IDLE_STREAM_CONNS:
+                    self._idle.append(conn)
+                    return
+        conn.close()
