@@ -33,7 +33,8 @@ const LIBC: &str = "usr/lib/x86_64-linux-gnu/libc.so.6";
 /// Where an image's glibc may be: merged /usr (Debian 12), or /lib.
 pub(crate) const LIBC_PATHS: [&str; 2] = [LIBC, "lib/x86_64-linux-gnu/libc.so.6"];
 
-/// glibc 2.36's `statx` (Debian bookworm, x86_64): `mov %ecx,%r10d;
+/// glibc's `statx` as Debian 12 (2.36) and 13 (2.41) build it for x86_64:
+/// `mov %ecx,%r10d;
 /// mov $0x14c,%eax; syscall`, then at +56 the 8-byte `nopl` that aligns
 /// its error path at +64 (nothing jumps to +56).
 const STATX_HEAD: [u8; 10] = [0x41, 0x89, 0xca, 0xb8, 0x4c, 0x01, 0x00, 0x00, 0x0f, 0x05];
