@@ -408,6 +408,8 @@ def test_sigkill_of_sandbox_process(daemon, target):
     assert sb.sandbox_id not in registry(daemon)
     left = wait_no_leftovers(daemon, [sb.sandbox_id])
     assert not left, f"leaked after SIGKILL of {target} + terminate: {left}"
+    cgroups = [c for c in ("memory", "cpu", "pids") if os.path.exists(f"/sys/fs/cgroup/{c}/gworker/{sb.sandbox_id}")]
+    assert not cgroups, f"cgroups left after SIGKILL of {target} + terminate: {cgroups}"
 
 
 # --------------------------------------------------------------------------

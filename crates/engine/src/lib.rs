@@ -422,6 +422,8 @@ impl Engine {
                     .insert(row.id.clone(), Live::new(SupClient::new(sock), rx));
             } else if row.state != "exited" {
                 tracing::warn!(sandbox = %row.id, "supervisor gone while the daemon was down");
+                // A killed supervisor left its cgroups (empty once runsc ended).
+                gworker_runtime::Cgroup::new(&row.id).try_remove();
                 self.reg.set_exited(
                     &row.id,
                     None,
@@ -1315,8 +1317,11 @@ impl Engine {
             }
         }
         self.live.lock().unwrap().remove(id);
-        // Its supervisor removes its network right after runsc ends; one
-        // that was killed cannot.
+        // Its supervisor removes its network and cgroups right after runsc
+        // ends; one that was killed cannot.
+        if sup_gone {
+            gworker_runtime::Cgroup::new(id).try_remove();
+        }
         let dir = self.net_state_dir();
         if sup_gone && dir.join(format!("{id}.json")).exists() {
             let id2 = id.to_string();

@@ -110,6 +110,14 @@ impl Cgroup {
             .any(|n| n.trim().parse::<u64>().map(|n| n > 0).unwrap_or(false))
     }
 
+    /// Removes the cgroups if they are empty, in one attempt (a sandbox
+    /// whose supervisor was killed: nothing else will). Busy ones stay.
+    pub fn try_remove(&self) {
+        for c in CONTROLLERS {
+            let _ = std::fs::remove_dir(self.dir(c));
+        }
+    }
+
     /// Removes the cgroups (they must be empty: call after runsc ended).
     pub fn remove(&self) {
         for c in CONTROLLERS {
