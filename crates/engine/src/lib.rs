@@ -306,6 +306,15 @@ impl Engine {
         let secrets = secrets::SecretStore::open(&cfg.data_dir)?;
         volumes::VolumeStore::new(&cfg.data_dir).mount_all();
         images.cleanup_builds(&cfg.runsc_bin);
+        for (name, built_by) in images.outdated_builtins() {
+            tracing::warn!(
+                image = %name,
+                "image {name} was built by recipe {built_by}, this gworker's is {}: it works, but \
+                 `gworker image rm {name}` (with no sandbox using it) makes the next create build \
+                 the current one",
+                gworker_images::RECIPE_VERSION
+            );
+        }
         let cfg_pool = cfg.pool.clone();
         let engine = Arc::new(Engine {
             cfg,

@@ -288,6 +288,22 @@ impl ImageStore {
         })
     }
 
+    /// Built-in images built by an older recipe than this gworker's, with
+    /// the recipe version each was built by. They keep working (a recipe
+    /// change makes an image better, not usable); `remove` with no sandbox
+    /// using one makes the next create build the current recipe.
+    pub fn outdated_builtins(&self) -> Vec<(String, u32)> {
+        BUILTIN_IMAGES
+            .iter()
+            .filter_map(|name| {
+                let text = fs::read_to_string(self.image_dir(name).join(META_FILE)).ok()?;
+                let meta: Meta = serde_json::from_str(&text).ok()?;
+                (meta.recipe_version < RECIPE_VERSION)
+                    .then(|| (name.to_string(), meta.recipe_version))
+            })
+            .collect()
+    }
+
     /// The built images (unbuilt ones are absent).
     pub fn list(&self) -> Result<Vec<ImageInfo>, ImageError> {
         let mut out = Vec::new();

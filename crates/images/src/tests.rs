@@ -452,3 +452,27 @@ fn debian_slim_real_build() {
     }
     assert!(store.remove("debian-slim").unwrap());
 }
+
+#[test]
+fn images_of_an_older_recipe_are_listed_as_outdated() {
+    let dir = TestDir::new("outdated");
+    let store = ImageStore::new(dir.0.clone());
+    assert!(store.outdated_builtins().is_empty(), "nothing built");
+    let meta = |v: u32| {
+        format!(
+            r#"{{"name":"x","recipe_version":{v},"size_bytes":0,"built_at_unix_secs":0,"env":[]}}"#
+        )
+    };
+    fs::create_dir_all(dir.0.join("debian-slim/rootfs")).unwrap();
+    fs::write(
+        dir.0.join("debian-slim/image.json"),
+        meta(RECIPE_VERSION - 1),
+    )
+    .unwrap();
+    fs::create_dir_all(dir.0.join("busybox/rootfs")).unwrap();
+    fs::write(dir.0.join("busybox/image.json"), meta(RECIPE_VERSION)).unwrap();
+    assert_eq!(
+        store.outdated_builtins(),
+        vec![("debian-slim".to_string(), RECIPE_VERSION - 1)]
+    );
+}
