@@ -1028,11 +1028,6 @@ fn del_links(names: &[String]) -> Result<(), NetError> {
     }
 }
 
-/// `ip netns add NAME`, done in this process (the program costs ~2 ms of a
-/// cold start, before runsc can start): a new network namespace made by a
-/// short-lived thread and kept by a bind mount of it on `/run/netns/NAME`,
-/// which is made a shared mount point first, as `ip` does, so that the
-/// namespace shows in every mount namespace. `ip` remains the fallback.
 /// A network namespace made ahead of the sandbox that will use it (see
 /// [`premake_netns`]).
 static PREMADE: std::sync::Mutex<Option<std::os::fd::OwnedFd>> = std::sync::Mutex::new(None);
@@ -1043,14 +1038,21 @@ static PREMADE: std::sync::Mutex<Option<std::os::fd::OwnedFd>> = std::sync::Mute
 /// `unshare(CLONE_NEWNET)` takes ~0.5 ms and the netns is made before runsc
 /// can start.
 pub fn premake_netns() -> io::Result<()> {
-    let fd = std::thread::spawn(|| -> io::Result<std::os::fd::OwnedFd> {
+    let fd = new_netns()?;
+    *PREMADE.lock().unwrap_or_else(|e| e.into_inner()) = Some(fd);
+    Ok(())
+}
+
+/// A new, empty network namespace, held by the returned descriptor.
+/// unshare(CLONE_NEWNET) moves only the calling thread: a thread of its
+/// own, whose namespace outlives it through the descriptor.
+fn new_netns() -> io::Result<std::os::fd::OwnedFd> {
+    std::thread::spawn(|| -> io::Result<std::os::fd::OwnedFd> {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
         Ok(fs::File::open("/proc/thread-self/ns/net")?.into())
     })
     .join()
-    .map_err(|_| io::Error::other("the netns thread panicked"))??;
-    *PREMADE.lock().unwrap_or_else(|e| e.into_inner()) = Some(fd);
-    Ok(())
+    .map_err(|_| io::Error::other("the netns thread panicked"))?
 }
 
 /// Drops a namespace [`premake_netns`] made (a sandbox without a network).
@@ -1075,7 +1077,12 @@ fn add_netns(name: &str) -> Result<(), NetError> {
     Ok(())
 }
 
-/// Makes the netns `path` names: `premade` (see [`premake_netns`]) or a new one.
+/// `ip netns add NAME`, done in this process (the program costs ~2 ms of a
+/// cold start, before runsc can start): `premade` (see [`premake_netns`]) or
+/// a new network namespace, kept by a bind mount of it on `path`
+/// (`/run/netns/NAME`), which is made a shared mount point first, as `ip`
+/// does, so that the namespace shows in every mount namespace. `ip` remains
+/// the fallback.
 fn add_netns_here(path: &Path, premade: Option<std::os::fd::OwnedFd>) -> io::Result<()> {
     use nix::mount::{mount, MsFlags};
     use std::os::unix::fs::OpenOptionsExt;
@@ -1105,34 +1112,20 @@ fn add_netns_here(path: &Path, premade: Option<std::os::fd::OwnedFd>) -> io::Res
         .create_new(true)
         .mode(0o000)
         .open(path)?;
-    if let Some(fd) = premade {
-        use std::os::fd::AsRawFd;
-        let source = format!("/proc/self/fd/{}", fd.as_raw_fd());
-        mount(
-            Some(source.as_str()),
-            path,
-            Some("none"),
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )?;
-        return Ok(());
-    }
-    let target = path.to_path_buf();
-    // unshare(CLONE_NEWNET) moves only the calling thread: a thread of its
-    // own, whose namespace outlives it through the bind mount.
-    std::thread::spawn(move || -> io::Result<()> {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
-        mount(
-            Some("/proc/thread-self/ns/net"),
-            &target,
-            Some("none"),
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )?;
-        Ok(())
-    })
-    .join()
-    .map_err(|_| io::Error::other("the netns thread panicked"))?
+    use std::os::fd::AsRawFd;
+    let fd = match premade {
+        Some(fd) => fd,
+        None => new_netns()?,
+    };
+    let source = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    mount(
+        Some(source.as_str()),
+        path,
+        Some("none"),
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )?;
+    Ok(())
 }
 
 /// `ip netns del NAME`, in this process: detach the bind mount that keeps
@@ -1965,12 +1958,7 @@ mod tests {
             return;
         }
         use std::os::unix::fs::MetadataExt;
-        let premade: std::os::fd::OwnedFd = std::thread::spawn(|| {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            fs::File::open("/proc/thread-self/ns/net").unwrap().into()
-        })
-        .join()
-        .unwrap();
+        let premade = new_netns().unwrap();
         let made = fs::File::from(premade.try_clone().unwrap())
             .metadata()
             .unwrap();
