@@ -416,7 +416,8 @@ fn finalize(image: &str, rootfs: &Path) -> Result<(), ImageError> {
     Ok(())
 }
 
-fn write_file(rootfs: &Path, rel: &str, contents: &str) -> Result<(), ImageError> {
+/// Writes `rel` under `rootfs` (mode 0644).
+pub(crate) fn write_file(rootfs: &Path, rel: &str, contents: &str) -> Result<(), ImageError> {
     let p = rootfs.join(rel);
     // Replace rather than write through: the path might be a symlink.
     let _ = fs::remove_file(&p);

@@ -5,7 +5,7 @@
 //!
 //! Two ways to drop it:
 //! - **The image's own libc patched** (debian-slim, when its `libc.so.6`
-//!   holds the exact `statx` code [`patch_libc`] knows): costs nothing at
+//!   holds the exact `statx` code [`patch_bytes`] knows): costs nothing at
 //!   run time.
 //! - **A preloaded library** (`statx_fix.c` in `/etc/ld.so.preload`): works
 //!   with any glibc, but every dynamically linked process loads it: ~1.1 ms
@@ -21,6 +21,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+use crate::recipe::write_file;
 use crate::ImageError;
 
 const IMG: &str = "debian-slim";
@@ -49,10 +50,8 @@ const PATCHED_PAD: [u8; 8] = [0xb8, 0x4c, 0x01, 0x00, 0x00, 0xeb, 0xc9, 0xcc];
 /// Installs the fix into a Debian rootfs: libc patched when it can be
 /// (with the dpkg guard), the preloaded library otherwise.
 pub(crate) fn install(rootfs: &Path) -> Result<(), ImageError> {
-    compile_library(rootfs)?;
-    match patch_libc(&rootfs.join(LIBC)) {
-        Ok(Some(offset)) => {
-            install_guard(rootfs, LIBC, offset)?;
+    match install_patched_libc(&rootfs.join(LIBC), LIBC, rootfs) {
+        Ok(true) => {
             // No preload: a rootfs built before this fix may have one.
             match fs::remove_file(rootfs.join("etc/ld.so.preload")) {
                 Ok(()) => Ok(()),
@@ -60,10 +59,10 @@ pub(crate) fn install(rootfs: &Path) -> Result<(), ImageError> {
                 Err(e) => Err(e.into()),
             }
         }
-        Ok(None) => preload(rootfs),
+        Ok(false) => install_preload(rootfs),
         Err(e) => {
             tracing::warn!(error = %e, "cannot patch libc's statx; preloading the fix instead");
-            preload(rootfs)
+            install_preload(rootfs)
         }
     }
 }
@@ -71,12 +70,8 @@ pub(crate) fn install(rootfs: &Path) -> Result<(), ImageError> {
 /// Installs the preloaded library (any glibc; what registry images get).
 pub(crate) fn install_preload(rootfs: &Path) -> Result<(), ImageError> {
     compile_library(rootfs)?;
-    preload(rootfs)
-}
-
-fn preload(rootfs: &Path) -> Result<(), ImageError> {
     fs::create_dir_all(rootfs.join("etc"))?;
-    write_file(rootfs, "etc/ld.so.preload", &format!("/{FIX_SO}\n"), 0o644)
+    write_file(rootfs, "etc/ld.so.preload", &format!("/{FIX_SO}\n"))
 }
 
 /// Compiles `statx_fix.c` against the host's glibc, which is bookworm's
@@ -107,32 +102,6 @@ fn compile_library(rootfs: &Path) -> Result<(), ImageError> {
     Ok(())
 }
 
-/// Patches `statx` in the glibc at `libc` to drop `AT_NO_AUTOMOUNT`.
-/// Returns the function's file offset when the file now carries the patch
-/// (made now or before), `None` when its code is not the one this knows (a
-/// different glibc build: left untouched). The file is replaced, not
-/// written through.
-pub(crate) fn patch_libc(libc: &Path) -> Result<Option<u64>, ImageError> {
-    let Ok(meta) = libc.symlink_metadata() else {
-        return Ok(None);
-    };
-    if !meta.is_file() {
-        return Ok(None);
-    }
-    let mut data = fs::read(libc)?;
-    match patch_bytes(&mut data) {
-        Patch::Unknown => Ok(None),
-        Patch::Already(off) => Ok(Some(off)),
-        Patch::Applied(off) => {
-            let tmp = libc.with_extension("6.gworker-tmp");
-            fs::write(&tmp, &data)?;
-            fs::set_permissions(&tmp, fs::Permissions::from_mode(meta.permissions().mode()))?;
-            fs::rename(&tmp, libc)?;
-            Ok(Some(off))
-        }
-    }
-}
-
 /// What [`patch_bytes`] found.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Patch {
@@ -144,7 +113,9 @@ pub(crate) enum Patch {
     Unknown,
 }
 
-/// Patches a glibc's bytes in memory (see [`patch_libc`]).
+/// Patches a glibc's `statx` in memory to drop `AT_NO_AUTOMOUNT`: only when
+/// its code is exactly the one this knows (another glibc build is left
+/// untouched).
 pub(crate) fn patch_bytes(data: &mut [u8]) -> Patch {
     let Some(off) = statx_offset(data) else {
         return Patch::Unknown;
@@ -167,26 +138,35 @@ pub(crate) fn patch_bytes(data: &mut [u8]) -> Patch {
     Patch::Applied(off as u64)
 }
 
-/// The fix for an image whose glibc is `libc` (a file in one of its
-/// layers, at `rel` in the image), as the files of a layer on top, written
-/// under `diff`: its libc patched, with the dpkg guard. `false` (nothing
-/// written) when this glibc's `statx` is not one [`patch_bytes`] knows.
+/// The fix for an image whose glibc is the regular file `libc` (at `rel` in
+/// the image), written under `root` (the image's rootfs itself, or the diff
+/// of a layer on top): its libc patched (the file replaced, not written
+/// through), the preloadable library and the dpkg guard. `false` (nothing
+/// written) when there is no such file or its `statx` is not one
+/// [`patch_bytes`] knows.
 pub(crate) fn install_patched_libc(
     libc: &Path,
     rel: &str,
-    diff: &Path,
+    root: &Path,
 ) -> Result<bool, ImageError> {
-    let meta = libc.symlink_metadata()?;
-    let mut data = fs::read(libc)?;
-    let Patch::Applied(offset) = patch_bytes(&mut data) else {
+    let Ok(meta) = libc.symlink_metadata() else {
         return Ok(false);
     };
-    let dest = diff.join(rel);
+    if !meta.is_file() {
+        return Ok(false);
+    }
+    let mut data = fs::read(libc)?;
+    let (Patch::Applied(offset) | Patch::Already(offset)) = patch_bytes(&mut data) else {
+        return Ok(false);
+    };
+    let dest = root.join(rel);
     fs::create_dir_all(dest.parent().expect("LIBC has a directory"))?;
-    fs::write(&dest, &data)?;
-    fs::set_permissions(&dest, fs::Permissions::from_mode(meta.permissions().mode()))?;
-    compile_library(diff)?;
-    install_guard(diff, rel, offset)?;
+    let tmp = dest.with_extension("6.gworker-tmp");
+    fs::write(&tmp, &data)?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(meta.permissions().mode()))?;
+    fs::rename(&tmp, &dest)?;
+    compile_library(root)?;
+    install_guard(root, rel, offset)?;
     Ok(true)
 }
 
@@ -231,23 +211,14 @@ fn install_guard(rootfs: &Path, libc: &str, offset: u64) -> Result<(), ImageErro
          esac\n\
          exit 0\n"
     );
-    write_file(rootfs, GUARD, &script, 0o755)?;
+    write_file(rootfs, GUARD, &script)?;
+    fs::set_permissions(rootfs.join(GUARD), fs::Permissions::from_mode(0o755))?;
     fs::create_dir_all(rootfs.join("etc/dpkg/dpkg.cfg.d"))?;
     write_file(
         rootfs,
         DPKG_HOOK,
         &format!("pre-invoke=\"/{GUARD} pre\"\npost-invoke=\"/{GUARD} post\"\n"),
-        0o644,
     )
-}
-
-fn write_file(rootfs: &Path, rel: &str, contents: &str, mode: u32) -> Result<(), ImageError> {
-    let p = rootfs.join(rel);
-    // Replace rather than write through: the path might be a symlink.
-    let _ = fs::remove_file(&p);
-    fs::write(&p, contents)?;
-    fs::set_permissions(&p, fs::Permissions::from_mode(mode))?;
-    Ok(())
 }
 
 fn build_err(message: String) -> ImageError {
@@ -271,17 +242,16 @@ mod tests {
 
     #[test]
     fn bookworm_libc_is_patched_at_statx_once_and_nowhere_else() {
-        let p = tmp_copy("patch");
-        let orig = fs::read(&p).unwrap();
-        let off = statx_offset(&orig).expect("the host's libc defines statx") as usize;
+        let orig = fs::read(HOST_LIBC).unwrap();
+        let off = statx_offset(&orig).expect("the host's libc defines statx");
+        let mut new = orig.clone();
         if orig[off..off + STATX_HEAD.len()] != STATX_HEAD {
             // Not bookworm's glibc 2.36: it must be left alone.
-            assert_eq!(patch_libc(&p).unwrap(), None);
-            assert_eq!(fs::read(&p).unwrap(), orig);
+            assert_eq!(patch_bytes(&mut new), Patch::Unknown);
+            assert_eq!(new, orig);
             return;
         }
-        assert_eq!(patch_libc(&p).unwrap(), Some(off as u64));
-        let new = fs::read(&p).unwrap();
+        assert_eq!(patch_bytes(&mut new), Patch::Applied(off as u64));
         assert_eq!(new.len(), orig.len());
         let changed: Vec<usize> = (0..new.len()).filter(|i| new[*i] != orig[*i]).collect();
         assert!(changed
@@ -290,23 +260,53 @@ mod tests {
         assert_eq!(new[off..off + 8], PATCHED_HEAD);
         assert_eq!(new[off + PAD_AT..off + PAD_AT + 8], PATCHED_PAD);
         // Again: recognised as patched, unchanged.
-        assert_eq!(patch_libc(&p).unwrap(), Some(off as u64));
-        assert_eq!(fs::read(&p).unwrap(), new);
+        let patched = new.clone();
+        assert_eq!(patch_bytes(&mut new), Patch::Already(off as u64));
+        assert_eq!(new, patched);
+    }
+
+    /// In a rootfs: libc replaced by its patched copy, with the library and
+    /// the guard beside it; a second run finds it patched and keeps it.
+    #[test]
+    fn a_rootfs_gets_its_libc_patched_and_the_guard() {
+        let orig = fs::read(HOST_LIBC).unwrap();
+        let off = statx_offset(&orig).unwrap();
+        if orig[off..off + STATX_HEAD.len()] != STATX_HEAD {
+            return; // not bookworm's glibc: covered above
+        }
+        let p = tmp_copy("rootfs");
+        let root = p.parent().unwrap().join("root");
+        let libc = root.join(LIBC);
+        fs::create_dir_all(libc.parent().unwrap()).unwrap();
+        fs::rename(&p, &libc).unwrap();
+        assert!(install_patched_libc(&libc, LIBC, &root).unwrap());
+        let new = fs::read(&libc).unwrap();
+        assert_eq!(new[off..off + 8], PATCHED_HEAD);
+        assert!(root.join(FIX_SO).is_file());
+        let guard = fs::read_to_string(root.join(GUARD)).unwrap();
+        assert!(guard.contains(&format!("-j {off} -N 8 /{LIBC}")), "{guard}");
+        assert!(install_patched_libc(&libc, LIBC, &root).unwrap());
+        assert_eq!(fs::read(&libc).unwrap(), new);
         let _ = fs::remove_dir_all(p.parent().unwrap());
     }
 
     #[test]
     fn unknown_code_and_non_elf_files_are_left_alone() {
         let p = tmp_copy("unknown");
+        let root = p.parent().unwrap().join("root");
         let mut data = fs::read(&p).unwrap();
         let off = statx_offset(&data).unwrap();
         data[off + 2] ^= 0xff;
+        let before = data.clone();
+        assert_eq!(patch_bytes(&mut data), Patch::Unknown);
+        assert_eq!(data, before);
         fs::write(&p, &data).unwrap();
-        assert_eq!(patch_libc(&p).unwrap(), None);
-        assert_eq!(fs::read(&p).unwrap(), data);
+        assert!(!install_patched_libc(&p, LIBC, &root).unwrap());
+        assert_eq!(fs::read(&p).unwrap(), before);
+        assert!(!root.exists(), "nothing written");
         fs::write(&p, b"not an ELF file").unwrap();
-        assert_eq!(patch_libc(&p).unwrap(), None);
-        assert_eq!(patch_libc(&p.with_extension("missing")).unwrap(), None);
+        assert!(!install_patched_libc(&p, LIBC, &root).unwrap());
+        assert!(!install_patched_libc(&p.with_extension("missing"), LIBC, &root).unwrap());
         let _ = fs::remove_dir_all(p.parent().unwrap());
     }
 }
