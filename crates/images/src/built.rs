@@ -795,31 +795,14 @@ impl ImageStore {
             "gworker-base-v2-statx"
         } else {
             "gworker-base-v2"
-        }
-        .to_string();
-        let dir = self.layer_dir(&key);
-        if dir.join("layer.json").is_file() {
-            return Ok(key);
-        }
-        let tmp = self.new_tmp_layer_dir(&key)?;
-        let mut guard = RemoveOnDrop(Some(tmp.clone()));
-        let d = tmp.join("diff/.gworker");
-        fs::create_dir_all(&d)?;
-        fs::set_permissions(&d, fs::Permissions::from_mode(0o755))?;
-        if shim {
-            crate::statx::install_preload(&tmp.join("diff"))?;
-        }
-        let meta = LayerMeta {
-            key: key.clone(),
-            parent: None,
-            description: "gworker agent mount point".into(),
-            size_bytes: 0,
-            created_at: now_secs(),
-            config: ImageConfig::default(),
         };
-        self.commit_layer(&tmp, &meta)?;
-        guard.0 = None;
-        Ok(key)
+        let made = self.agent_layer(key.to_string(), "gworker agent mount point", |diff| {
+            if shim {
+                crate::statx::install_preload(diff)?;
+            }
+            Ok(true)
+        })?;
+        Ok(made.expect("this fill never gives up"))
     }
 
     /// [`Self::gworker_layer`] with the statx fix as the image's own libc,
@@ -844,8 +827,23 @@ impl ImageStore {
             "gworker-base-v3-libc-{}",
             &sha256_hex(&[rel.as_bytes(), digest.as_bytes()])[..32]
         );
-        let dir = self.layer_dir(&key);
-        if dir.join("layer.json").is_file() {
+        self.agent_layer(
+            key,
+            "gworker agent mount point, libc with the statx fix",
+            |diff| crate::statx::install_patched_libc(&libc, rel, diff),
+        )
+    }
+
+    /// The layer `key` (made unless it exists): the `/.gworker` directory the
+    /// agent is mounted in, and what `fill` writes into its diff. `None` when
+    /// `fill` gives up (false: nothing is kept).
+    fn agent_layer(
+        &self,
+        key: String,
+        description: &str,
+        fill: impl FnOnce(&Path) -> Result<bool, ImageError>,
+    ) -> Result<Option<String>, ImageError> {
+        if self.layer_dir(&key).join("layer.json").is_file() {
             return Ok(Some(key));
         }
         let tmp = self.new_tmp_layer_dir(&key)?;
@@ -853,13 +851,13 @@ impl ImageStore {
         let d = tmp.join("diff/.gworker");
         fs::create_dir_all(&d)?;
         fs::set_permissions(&d, fs::Permissions::from_mode(0o755))?;
-        if !crate::statx::install_patched_libc(&libc, rel, &tmp.join("diff"))? {
+        if !fill(&tmp.join("diff"))? {
             return Ok(None);
         }
         let meta = LayerMeta {
             key: key.clone(),
             parent: None,
-            description: "gworker agent mount point, libc with the statx fix".into(),
+            description: description.into(),
             size_bytes: crate::fsutil::tree_size(&tmp.join("diff"))?,
             created_at: now_secs(),
             config: ImageConfig::default(),

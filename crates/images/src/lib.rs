@@ -186,19 +186,10 @@ impl ImageStore {
         if !Self::is_known(name) {
             return self.built_ready(name);
         }
-        let dir = self.image_dir(name);
-        let meta_path = dir.join(META_FILE);
-        let text = match fs::read_to_string(&meta_path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e.into()),
+        let Some(meta) = self.read_meta(name)? else {
+            return Ok(None);
         };
-        let meta: Meta = serde_json::from_str(&text).map_err(|e| ImageError::Metadata {
-            image: name.to_string(),
-            path: meta_path.clone(),
-            reason: e.to_string(),
-        })?;
-        let rootfs = dir.join("rootfs");
+        let rootfs = self.image_dir(name).join("rootfs");
         if !rootfs.is_dir() {
             return Ok(None);
         }
@@ -296,12 +287,27 @@ impl ImageStore {
         BUILTIN_IMAGES
             .iter()
             .filter_map(|name| {
-                let text = fs::read_to_string(self.image_dir(name).join(META_FILE)).ok()?;
-                let meta: Meta = serde_json::from_str(&text).ok()?;
+                let meta = self.read_meta(name).ok()??;
                 (meta.recipe_version < RECIPE_VERSION)
                     .then(|| (name.to_string(), meta.recipe_version))
             })
             .collect()
+    }
+
+    /// A built-in image's `image.json`; `None` when it has none.
+    fn read_meta(&self, name: &str) -> Result<Option<Meta>, ImageError> {
+        let path = self.image_dir(name).join(META_FILE);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let meta = serde_json::from_str(&text).map_err(|e| ImageError::Metadata {
+            image: name.to_string(),
+            path,
+            reason: e.to_string(),
+        })?;
+        Ok(Some(meta))
     }
 
     /// The built images (unbuilt ones are absent).
