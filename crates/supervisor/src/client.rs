@@ -51,16 +51,21 @@ impl SupClient {
         &self.sock
     }
 
-    async fn open(&self, req: &Request) -> Result<BufReader<UnixStream>, ClientError> {
+    /// A fresh connection with `line` (a request line) sent on it.
+    async fn open(&self, line: &[u8]) -> Result<BufReader<UnixStream>, ClientError> {
         let mut conn = UnixStream::connect(&self.sock)
             .await
             .map_err(ClientError::Unreachable)?;
-        let mut line = serde_json::to_vec(req).expect("request serializes");
-        line.push(b'\n');
-        conn.write_all(&line)
+        conn.write_all(line)
             .await
             .map_err(ClientError::Unreachable)?;
         Ok(BufReader::new(conn))
+    }
+
+    fn line(req: &Request) -> Vec<u8> {
+        let mut line = serde_json::to_vec(req).expect("request serializes");
+        line.push(b'\n');
+        line
     }
 
     async fn read_answer(
@@ -101,8 +106,7 @@ impl SupClient {
         ),
         ClientError,
     > {
-        let mut line = serde_json::to_vec(req).expect("request serializes");
-        line.push(b'\n');
+        let line = Self::line(req);
         // A kept connection first. One that breaks before any answer was
         // never read by its supervisor (a supervisor from before connections
         // were kept answers one request per connection, then closes it):
@@ -118,13 +122,7 @@ impl SupClient {
                 answered => return Ok((conn, answered)),
             }
         }
-        let mut conn = UnixStream::connect(&self.sock)
-            .await
-            .map_err(ClientError::Unreachable)?;
-        conn.write_all(&line)
-            .await
-            .map_err(ClientError::Unreachable)?;
-        let mut conn = BufReader::new(conn);
+        let mut conn = self.open(&line).await?;
         match Self::read_answer(&mut conn).await {
             Err(e @ ClientError::Unreachable(_)) => Err(e),
             answered => Ok((conn, answered)),
@@ -203,12 +201,11 @@ impl SupClient {
     }
 
     pub async fn stdin(&self, id: u32, data: &[u8]) -> Result<(), ClientError> {
-        let mut conn = self
-            .open(&Request::Stdin {
-                id,
-                len: data.len() as u64,
-            })
-            .await?;
+        let req = Request::Stdin {
+            id,
+            len: data.len() as u64,
+        };
+        let mut conn = self.open(&Self::line(&req)).await?;
         conn.get_mut()
             .write_all(data)
             .await

@@ -1365,7 +1365,6 @@ async fn handle_request(
     r: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
     w: &mut tokio::net::unix::OwnedWriteHalf,
 ) -> bool {
-    let shared = shared.clone();
     let mut line = String::new();
     // One request line; an exec's argv and env can be large (the daemon
     // accepts bodies up to 16 MiB), so allow that much and a margin.
@@ -1389,40 +1388,40 @@ async fn handle_request(
         Request::Status => {
             Ok(serde_json::to_value(shared.lock().status()).expect("status serializes"))
         }
-        Request::Spawn { spec } => spawn(&shared, spec).await,
-        Request::Wait { id, timeout_ms } => wait(&shared, id, timeout_ms).await,
+        Request::Spawn { spec } => spawn(shared, spec).await,
+        Request::Wait { id, timeout_ms } => wait(shared, id, timeout_ms).await,
         Request::Read { id, stream, offset } => {
-            wait_started(&shared).await;
-            return read(&shared, w, id, stream, offset).await;
+            wait_started(shared).await;
+            return read(shared, w, id, stream, offset).await;
         }
         Request::Stdin { id, len } => {
             // Its data follows the line (all of it read only on success):
             // the connection ends with the answer.
-            wait_started(&shared).await;
-            let result = stdin(&shared, r, id, len).await;
+            wait_started(shared).await;
+            let result = stdin(shared, r, id, len).await;
             let _ = answer(w, result).await;
             return false;
         }
         Request::StdinClose { id } => {
-            wait_started(&shared).await;
-            with_running_proc(&shared, id, || HostMsg::StdinClose { pid: id })
+            wait_started(shared).await;
+            with_running_proc(shared, id, || HostMsg::StdinClose { pid: id })
         }
         Request::Signal { id, signo } => {
-            wait_started(&shared).await;
-            with_running_proc(&shared, id, || HostMsg::Signal { pid: id, signo })
+            wait_started(shared).await;
+            with_running_proc(shared, id, || HostMsg::Signal { pid: id, signo })
         }
-        Request::Checkpoint { image_path } => checkpoint(&shared, image_path).await,
+        Request::Checkpoint { image_path } => checkpoint(shared, image_path).await,
         Request::Claim {
             entry,
             deadline,
             limits,
-        } => claim(&shared, entry, deadline, limits).await,
+        } => claim(shared, entry, deadline, limits).await,
         Request::Kill { reason } => {
-            kill_sandbox(&shared, &reason);
+            kill_sandbox(shared, &reason);
             Ok(serde_json::Value::Null)
         }
         Request::Shutdown => {
-            shutdown(&shared).await;
+            shutdown(shared).await;
             let _ = answer(w, Ok(serde_json::Value::Null)).await;
             shared.shutdown.notify_one();
             return false;
