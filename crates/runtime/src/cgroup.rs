@@ -113,21 +113,26 @@ impl Cgroup {
     /// Removes the cgroups if they are empty, in one attempt (a sandbox
     /// whose supervisor was killed: nothing else will). Busy ones stay.
     pub fn try_remove(&self) {
-        for c in CONTROLLERS {
-            let _ = std::fs::remove_dir(self.dir(c));
-        }
+        self.remove_within(1);
     }
 
     /// Removes the cgroups (they must be empty: call after runsc ended).
     pub fn remove(&self) {
+        // Tasks may still be leaving: up to 50 attempts, 20 ms apart.
+        self.remove_within(50);
+    }
+
+    fn remove_within(&self, attempts: usize) {
         for c in CONTROLLERS {
             let dir = self.dir(c);
-            for _ in 0..50 {
+            for attempt in 1..=attempts {
                 match std::fs::remove_dir(&dir) {
                     Ok(()) => break,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-                    // Tasks still leaving: try again shortly.
-                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                    Err(_) if attempt < attempts => {
+                        std::thread::sleep(std::time::Duration::from_millis(20))
+                    }
+                    Err(_) => {}
                 }
             }
         }
