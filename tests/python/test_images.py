@@ -173,3 +173,24 @@ def test_a_builtin_without_steps_is_the_builtin(daemon: Any, sandboxes: Any) -> 
     sb = sandboxes(image=Image.from_name("my-busybox"))
     assert sb._info["image"] == "busybox"
     assert run(sb, "echo", "ok") == "ok\n"
+
+
+def test_the_daemon_warns_about_a_builtin_of_an_older_recipe(tmp_path: Path) -> None:
+    # An existing data dir keeps its built-in images when the recipe changes;
+    # the daemon says so at start, with what to do.
+    from helpers import Daemon, gworker_bin, short_tempdir
+
+    data = tmp_path / "data"
+    img = data / "images" / "busybox"
+    (img / "rootfs").mkdir(parents=True)
+    meta = {"name": "busybox", "recipe_version": 1, "size_bytes": 0, "built_at_unix_secs": 0, "env": []}
+    (img / "image.json").write_text(json.dumps(meta))
+    d = Daemon(gworker_bin(), data, short_tempdir("gwold-") / "gw.sock")
+    d.start()
+    try:
+        log = d.log_path.read_text()
+    finally:
+        d.stop()
+    assert "image busybox was built by recipe 1" in log, log[-2000:]
+    assert "`gworker image rm busybox`" in log
+    assert "debian-slim was built" not in log  # not built at all: nothing to say
