@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -42,14 +43,21 @@ def test_secret_values_never_reach_disk_or_logs(sandboxes, daemon):
     Secret.create(name, {"STORED_SECRET": stored_value})
     try:
         sb = sandboxes(
-            cmd=["sh", "-c", "env > /tmp/entry-env; sleep 600"],
+            # Written whole (rename) so the exec below never reads half of it.
+            cmd=["sh", "-c", "env > /tmp/entry-env.part && mv /tmp/entry-env.part /tmp/entry-env; sleep 600"],
             secrets=[Secret.from_name(name), Secret.from_dict({"DICT_SECRET": dict_value})],
         )
         env = env_of(sb)
         # The values did arrive (so the grep below can fail) ...
         assert env["STORED_SECRET"] == stored_value
         assert env["DICT_SECRET"] == dict_value
-        entry = run(sb, ["cat", "/tmp/entry-env"])[1]
+        # The entry command runs beside the execs: wait for its file.
+        deadline = time.monotonic() + 30
+        while True:
+            code, entry, _ = run(sb, ["cat", "/tmp/entry-env"])
+            if code == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert f"STORED_SECRET={stored_value}" in entry and f"DICT_SECRET={dict_value}" in entry
         # ... and survive a daemon restart (the supervisor keeps them in memory).
         daemon.restart()
