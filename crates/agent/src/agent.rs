@@ -84,6 +84,10 @@ struct OutPipe {
     /// Bytes we may still send (u64: repeated credits cannot overflow).
     credit: u64,
     interest: Interest,
+    /// Switched from `Hangup` back to `Read` since the last pump: an event
+    /// of the same `epoll_wait` may still be the hang-up-only one, which does
+    /// not show pending data.
+    rearmed: bool,
     /// Asked for `OUTPUT_PIPE_SIZE` already.
     enlarged: bool,
 }
@@ -151,22 +155,28 @@ fn set_interest(epoll: &Epoll, pid: u32, idx: usize, p: &mut OutPipe) {
         _ => epoll.modify(fd, events, tok),
     };
     match r {
-        Ok(()) => p.interest = want,
+        Ok(()) => {
+            p.rearmed = p.interest == Interest::Hangup;
+            p.interest = want;
+        }
         Err(e) => eprintln!("gworker-agent: epoll for process {pid}: {}", errstr(&e)),
     }
 }
 
-fn close_out(epoll: &Epoll, p: &mut OutPipe) {
-    if let Some(fd) = p.fd.take() {
-        if p.interest != Interest::Unregistered {
-            let _ = epoll.delete(fd.as_raw_fd());
-        }
-    }
+/// Closes our read end. No `EPOLL_CTL_DEL` first: ours is the only
+/// descriptor of that pipe end (close-on-exec, never duplicated), and epoll
+/// forgets a file once its last descriptor is closed.
+fn close_out(p: &mut OutPipe) {
+    p.fd = None;
     p.interest = Interest::Unregistered;
 }
 
 /// Reads at most one chunk (bounded by credit) from a stream and sends it;
-/// reports Eof when the stream ended, even without credit.
+/// reports Eof when the stream ended, even without credit. `hung_up`: epoll
+/// just said hang-up without readable data. When it said so while we watched
+/// for readable data (not with the hang-up-only interest, which does not
+/// report pending data; see `rearmed`) the pipe is empty and has no writer
+/// left: Eof without a read.
 fn pump_out(
     epoll: &Epoll,
     writer: &Writer,
@@ -174,14 +184,21 @@ fn pump_out(
     pid: u32,
     idx: usize,
     p: &mut OutPipe,
+    hung_up: bool,
 ) -> Pumped {
     let Some(fd) = p.fd.as_ref().map(|f| f.as_raw_fd()) else {
         return Pumped::Closed;
     };
     let stream = STREAMS[idx];
+    let rearmed = std::mem::take(&mut p.rearmed);
+    if hung_up && p.interest == Interest::Read && !rearmed {
+        close_out(p);
+        writer.send(&AgentMsg::Eof { pid, stream });
+        return Pumped::Closed;
+    }
     if p.credit == 0 {
         if sys::pipe_at_eof(fd) {
-            close_out(epoll, p);
+            close_out(p);
             writer.send(&AgentMsg::Eof { pid, stream });
             return Pumped::Closed;
         }
@@ -191,7 +208,7 @@ fn pump_out(
     let want = (p.credit.min(MAX_OUTPUT_CHUNK as u64) as usize).min(scratch.len());
     match sys::read(fd, &mut scratch[..want]) {
         Ok(0) => {
-            close_out(epoll, p);
+            close_out(p);
             writer.send(&AgentMsg::Eof { pid, stream });
             Pumped::Closed
         }
@@ -213,19 +230,16 @@ fn pump_out(
                 "gworker-agent: reading {stream:?} of process {pid}: {}",
                 errstr(&e)
             );
-            close_out(epoll, p);
+            close_out(p);
             writer.send(&AgentMsg::Eof { pid, stream });
             Pumped::Closed
         }
     }
 }
 
-fn close_stdin(epoll: &Epoll, s: &mut InPipe) {
-    if let Some(fd) = s.fd.take() {
-        if s.polled {
-            let _ = epoll.delete(fd.as_raw_fd());
-        }
-    }
+/// Closes our write end (no `EPOLL_CTL_DEL` first, as in [`close_out`]).
+fn close_stdin(s: &mut InPipe) {
+    s.fd = None;
     s.polled = false;
     s.queue.clear();
     s.off = 0;
@@ -255,7 +269,7 @@ fn flush_stdin(epoll: &Epoll, pid: u32, s: &mut InPipe) {
                                 "gworker-agent: epoll add for stdin of {pid}: {}",
                                 errstr(&e)
                             );
-                            close_stdin(epoll, s);
+                            close_stdin(s);
                         }
                     }
                 }
@@ -263,7 +277,7 @@ fn flush_stdin(epoll: &Epoll, pid: u32, s: &mut InPipe) {
             }
             // EPIPE: the process closed its stdin; what is left cannot be delivered.
             Err(_) => {
-                close_stdin(epoll, s);
+                close_stdin(s);
                 return;
             }
         }
@@ -273,7 +287,7 @@ fn flush_stdin(epoll: &Epoll, pid: u32, s: &mut InPipe) {
         s.polled = false;
     }
     if s.close_when_drained {
-        close_stdin(epoll, s);
+        close_stdin(s);
     }
 }
 
@@ -406,7 +420,11 @@ impl Agent {
                                     flush_stdin(&self.epoll, pid, &mut p.stdin);
                                 }
                             }
-                            slot => self.pump(pid, slot as usize),
+                            slot => {
+                                let hup = libc::EPOLLHUP as u32;
+                                let hung_up = ev.events & (hup | libc::EPOLLIN as u32) == hup;
+                                self.pump(pid, slot as usize, hung_up)
+                            }
                         }
                     }
                 }
@@ -554,10 +572,12 @@ impl Agent {
         });
         self.writer.flush();
         self.writer.gather();
+        drop(st.child_ends);
         let out_pipe = |fd: OwnedFd| OutPipe {
             fd: Some(fd),
             credit: u64::from(INITIAL_WINDOW),
             interest: Interest::Unregistered,
+            rearmed: false,
             enlarged: false,
         };
         let mut p = Proc {
@@ -589,13 +609,20 @@ impl Agent {
         self.procs.insert(pid, p);
     }
 
-    fn pump(&mut self, pid: u32, idx: usize) {
+    fn pump(&mut self, pid: u32, idx: usize, hung_up: bool) {
         let Some(p) = self.procs.get_mut(&pid) else {
             return;
         };
         let Some(o) = p.out.get_mut(idx) else { return };
-        if let Pumped::Closed = pump_out(&self.epoll, &self.writer, &mut self.scratch, pid, idx, o)
-        {
+        if let Pumped::Closed = pump_out(
+            &self.epoll,
+            &self.writer,
+            &mut self.scratch,
+            pid,
+            idx,
+            o,
+            hung_up,
+        ) {
             self.maybe_forget(pid);
         }
     }
@@ -639,13 +666,21 @@ impl Agent {
         // them open) before Exited, so the host usually sees output, Eof, Exited.
         for (idx, o) in p.out.iter_mut().enumerate() {
             for _ in 0..DRAIN_READS {
-                let r = pump_out(&self.epoll, &self.writer, &mut self.scratch, pid, idx, o);
+                let r = pump_out(
+                    &self.epoll,
+                    &self.writer,
+                    &mut self.scratch,
+                    pid,
+                    idx,
+                    o,
+                    false,
+                );
                 if !matches!(r, Pumped::Data) {
                     break;
                 }
             }
         }
-        close_stdin(&self.epoll, &mut p.stdin);
+        close_stdin(&mut p.stdin);
         self.writer.send(&AgentMsg::Exited { pid, code });
         self.maybe_forget(pid);
     }

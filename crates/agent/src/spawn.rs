@@ -26,6 +26,10 @@ pub struct Started {
     pub stdin: OwnedFd,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
+    /// The child's ends of the pipes, still open here: the caller drops them
+    /// after answering (three system calls fewer before the answer). Until
+    /// they are dropped the output pipes cannot report their end.
+    pub child_ends: [OwnedFd; 3],
 }
 
 #[derive(Debug)]
@@ -104,7 +108,10 @@ pub fn start(s: &Spawn) -> Result<Started, Failure> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| nul("an argument"))?;
     let env = environment(&s.env).map_err(|_| nul("the environment"))?;
+    // The agent runs in "/" (the bundle's cwd) and never leaves it: no chdir
+    // there.
     let cwd_c = match cwd {
+        Some(_) if s.cwd == b"/" => None,
         Some(_) => Some(CString::new(s.cwd.as_slice()).map_err(|_| nul("the workdir"))?),
         None => None,
     };
@@ -136,13 +143,12 @@ pub fn start(s: &Spawn) -> Result<Started, Failure> {
             }
             sys::SpawnError::Other(e) => exec_failure(&shown, cwd, &e),
         })?;
-    // The child's ends close here, in the parent.
-    drop((in_r, out_w, err_w));
     Ok(Started {
         os_pid,
         stdin: in_w,
         stdout: out_r,
         stderr: err_r,
+        child_ends: [in_r, out_w, err_w],
     })
 }
 
@@ -205,7 +211,7 @@ fn resolve(prog: &[u8], env: &[Vec<u8>], cwd: Option<&Path>) -> Result<Vec<u8>, 
             _ => rel.to_path_buf(),
         };
         match std::fs::metadata(&check) {
-            Ok(m) if m.is_file() && sys::executable(&check) => return Ok(cand),
+            Ok(m) if m.is_file() && sys::executable(&check, &m) => return Ok(cand),
             Ok(_) => err = libc::EACCES,
             Err(_) => {}
         }
