@@ -297,6 +297,21 @@ pub struct Signal {
 pub struct Health {
     pub status: String,
     pub version: String,
+    /// The warm pool, per image it is configured for (empty without one).
+    #[serde(default)]
+    pub pool: Vec<PoolImage>,
+}
+
+/// One image's warm pool.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct PoolImage {
+    pub image: String,
+    /// Slots the pool keeps (`--pool IMAGE=N`).
+    pub size: usize,
+    /// Booted slots a create can claim now.
+    pub ready: usize,
+    /// Slots booting.
+    pub booting: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -14,7 +14,13 @@ use common::{daemon_or_skip, stderr, stdout, BIN};
 #[test]
 fn create_exec_wait_and_exit_codes() {
     let d = daemon_or_skip!();
-    let id = d.create(&["--", "sh", "-c", "echo started; sleep 1; exit 3"]);
+    // Runs until the test says so (a file), however slow the machine.
+    let id = d.create(&[
+        "--",
+        "sh",
+        "-c",
+        "echo started; while [ ! -e /tmp/go ]; do sleep 0.05; done; exit 3",
+    ]);
 
     let o = d.run(&[
         "exec",
@@ -28,8 +34,8 @@ fn create_exec_wait_and_exit_codes() {
     assert_eq!(stdout(&o), "out\n");
     assert_eq!(stderr(&o), "err\n");
 
-    let o = d.run(&["exec", &id, "--", "true"]);
-    assert_eq!(o.status.code(), Some(0));
+    let o = d.run(&["exec", &id, "--", "touch", "/tmp/go"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 
     let o = d.run(&["wait", &id]);
     assert_eq!(o.status.code(), Some(3));
@@ -135,6 +141,8 @@ fn poll_and_ls() {
     let running = d.create(&["--", "sleep", "60"]);
     let done = d.create(&["--", "sh", "-c", "exit 2"]);
     assert_eq!(d.run(&["wait", &done]).status.code(), Some(2));
+    // Booted (not "starting" in the listing below).
+    d.ok(&["exec", &running, "--", "true"]);
     assert_eq!(d.ok(&["poll", &running]), "running\n");
     assert_eq!(d.ok(&["poll", &done]), "2\n");
 
@@ -211,6 +219,8 @@ fn wait_timeout_exits_124() {
 fn exec_streams_output_before_exit() {
     let d = daemon_or_skip!();
     let id = d.create(&[]);
+    // Booted first: the bound below is about streaming, not the boot.
+    d.ok(&["exec", &id, "--", "true"]);
     let mut child = d
         .cmd(&[
             "exec",
@@ -218,7 +228,7 @@ fn exec_streams_output_before_exit() {
             "--",
             "sh",
             "-c",
-            "echo first; sleep 3; echo second",
+            "echo first; sleep 5; echo second",
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -230,7 +240,7 @@ fn exec_streams_output_before_exit() {
     out.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"first\n");
     assert!(
-        t.elapsed() < Duration::from_millis(2500),
+        t.elapsed() < Duration::from_millis(4000),
         "first line after {:?}",
         t.elapsed()
     );

@@ -65,6 +65,7 @@ use crate::{routes, routes_images, routes_store};
         gworker_api::WaitResult,
         gworker_api::Signal,
         gworker_api::Health,
+        gworker_api::PoolImage,
         gworker_api::ErrorBody,
         gworker_api::ErrorDetail,
         gworker_api::ErrorCode,

@@ -120,10 +120,11 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
 }
 
 #[utoipa::path(get, path = "/v1/health", responses((status = 200, body = api::Health)))]
-pub async fn health() -> Json<api::Health> {
+pub async fn health(State(engine): Eng) -> Json<api::Health> {
     Json(api::Health {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
+        pool: engine.pool_status(),
     })
 }
 

@@ -17,6 +17,8 @@ struct Daemon {
     dir: PathBuf,
     sock: PathBuf,
     extra: Vec<String>,
+    /// Environment of the daemon beyond the test's own.
+    env: Vec<(String, String)>,
 }
 
 fn bin() -> PathBuf {
@@ -48,6 +50,10 @@ impl Daemon {
     }
 
     fn start_with(name: &str, extra: &[&str]) -> Option<Daemon> {
+        Daemon::start_with_env(name, extra, &[])
+    }
+
+    fn start_with_env(name: &str, extra: &[&str], env: &[(&str, &str)]) -> Option<Daemon> {
         if !runsc_available() {
             eprintln!("runsc not installed: skipping");
             return None;
@@ -61,6 +67,10 @@ impl Daemon {
             dir,
             sock,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         d.spawn();
         Some(d)
@@ -81,6 +91,7 @@ impl Daemon {
             .arg("--agent")
             .arg(agent())
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -674,15 +685,16 @@ fn timeout_is_enforced_and_survives_a_daemon_restart() {
     let Some(mut d) = Daemon::start("timeout") else {
         return;
     };
-    let id = d.create(r#"{"image":"busybox","timeout":3,"cmd":["sleep","100"]}"#);
-    let idle = d.create(r#"{"image":"busybox","timeout":3}"#);
+    // Timeouts long enough for the exec below to come first on a busy machine.
+    let id = d.create(r#"{"image":"busybox","timeout":6,"cmd":["sleep","100"]}"#);
+    let idle = d.create(r#"{"image":"busybox","timeout":6}"#);
     d.json(
         "POST",
         &format!("/v1/sandboxes/{idle}/exec"),
         r#"{"cmd":["true"]}"#,
     );
     d.kill9();
-    std::thread::sleep(Duration::from_secs(4));
+    std::thread::sleep(Duration::from_secs(7));
     d.spawn();
     for sid in [&id, &idle] {
         let w = d.json("GET", &format!("/v1/sandboxes/{sid}/wait?timeout=10"), "");
@@ -788,6 +800,17 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Booted, claimable slots of `image`'s pool (`GET /v1/health`).
+fn pool_ready(d: &Daemon, image: &str) -> u64 {
+    let h = d.json("GET", "/v1/health", "");
+    h["pool"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["image"] == image)
+        .map_or(0, |p| p["ready"].as_u64().unwrap())
+}
+
 #[test]
 fn warm_pool_claims_fresh_sandboxes_and_refills() {
     let Some(mut d) = Daemon::start_with("pool", &["--pool", "busybox=2"]) else {
@@ -803,7 +826,12 @@ fn warm_pool_claims_fresh_sandboxes_and_refills() {
         0
     );
     let slots = sandbox_dirs(&d);
-    std::thread::sleep(Duration::from_millis(500)); // let the slots finish booting
+    wait_for("two booted slots", || pool_ready(&d, "busybox") == 2);
+    let health = d.json("GET", "/v1/health", "");
+    assert_eq!(
+        health["pool"],
+        serde_json::json!([{"image": "busybox", "size": 2, "ready": 2, "booting": 0}])
+    );
     let shares = |id: &str| {
         std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/gworker/{id}/cpu.shares"))
             .map(|s| s.trim().to_string())
@@ -883,11 +911,14 @@ fn warm_pool_claims_fresh_sandboxes_and_refills() {
 
 #[test]
 fn a_create_on_a_drained_pool_waits_for_a_booting_slot() {
-    let Some(d) = Daemon::start_with("pool-drained", &["--pool", "busybox=1"]) else {
+    // The second create waits for the refill's boot, however slow this
+    // machine is (3 s otherwise, then it starts cold).
+    let env = [("GWORKER_POOL_MISS_WAIT_SECS", "60")];
+    let Some(d) = Daemon::start_with_env("pool-drained", &["--pool", "busybox=1"], &env) else {
         return;
     };
     wait_for("the pool slot", || sandbox_dirs(&d).len() == 1);
-    std::thread::sleep(Duration::from_millis(500)); // let the slot finish booting
+    wait_for("the slot to boot", || pool_ready(&d, "busybox") == 1);
     let pooled = |id: &str| {
         let launch =
             std::fs::read(d.dir.join("data/sandboxes").join(id).join("launch.json")).unwrap();

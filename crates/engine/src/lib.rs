@@ -432,7 +432,7 @@ impl Engine {
             } else if row.state != "exited" {
                 tracing::warn!(sandbox = %row.id, "supervisor gone while the daemon was down");
                 // A killed supervisor left its cgroups (empty once runsc ended).
-                gworker_runtime::Cgroup::new(&row.id).try_remove();
+                gworker_runtime::Cgroup::new(&row.id).remove_within(Duration::ZERO);
                 self.reg.set_exited(
                     &row.id,
                     None,
@@ -608,7 +608,7 @@ impl Engine {
             && secret_env.is_empty()
             && network == self.cfg.default_network
         {
-            self.pool.take_or_wait(&image, pool::MISS_WAIT).await
+            self.pool.take_or_wait(&image, pool::miss_wait()).await
         } else {
             None
         };
@@ -1327,9 +1327,11 @@ impl Engine {
         }
         self.live.lock().unwrap().remove(id);
         // Its supervisor removes its network and cgroups right after runsc
-        // ends; one that was killed cannot.
+        // ends; one that was killed cannot. Its runsc ends soon after it (the
+        // agent reads EOF): the cgroups go then, in the background.
         if sup_gone {
-            gworker_runtime::Cgroup::new(id).try_remove();
+            let cgroup = gworker_runtime::Cgroup::new(id);
+            tokio::task::spawn_blocking(move || cgroup.remove_within(Duration::from_secs(10)));
         }
         let dir = self.net_state_dir();
         if sup_gone && dir.join(format!("{id}.json")).exists() {

@@ -23,6 +23,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use gworker_api as api;
 use gworker_supervisor::{LaunchConfig, Phase, SupClient};
 
 use crate::{new_id, spawn_supervisor, Engine};
@@ -58,8 +59,11 @@ pub(crate) struct Pool {
 
 /// How long a create whose image has no ready slot waits for one that is
 /// booting before it starts cold: a slot already booting is ahead of a cold
-/// boot started now, which would also compete with it for the CPU.
-pub const MISS_WAIT: Duration = Duration::from_secs(3);
+/// boot started now, which would also compete with it for the CPU. 3 s;
+/// `GWORKER_POOL_MISS_WAIT_SECS` overrides it (tests on a busy machine).
+pub fn miss_wait() -> Duration {
+    gworker_runtime::env_secs("GWORKER_POOL_MISS_WAIT_SECS", 3)
+}
 
 /// Counts a slot as booting for its image while alive.
 struct Booting<'a> {
@@ -243,6 +247,22 @@ impl Pool {
 
     pub(crate) fn ready_count(&self, image: &str) -> usize {
         self.ready.lock().unwrap().get(image).map_or(0, |q| q.len())
+    }
+}
+
+impl Engine {
+    /// Each configured image's pool: size, ready and booting slots.
+    pub fn pool_status(&self) -> Vec<api::PoolImage> {
+        let cfg = &self.pool.cfg.sizes;
+        cfg.iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(image, size)| api::PoolImage {
+                image: image.clone(),
+                size: *size,
+                ready: self.pool.ready_count(image),
+                booting: count(&self.pool.starting, image),
+            })
+            .collect()
     }
 }
 

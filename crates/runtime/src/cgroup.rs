@@ -110,19 +110,18 @@ impl Cgroup {
             .any(|n| n.trim().parse::<u64>().map(|n| n > 0).unwrap_or(false))
     }
 
-    /// Removes the cgroups if they are empty, in one attempt (a sandbox
-    /// whose supervisor was killed: nothing else will). Busy ones stay.
-    pub fn try_remove(&self) {
-        self.remove_within(1);
-    }
-
     /// Removes the cgroups (they must be empty: call after runsc ended).
     pub fn remove(&self) {
-        // Tasks may still be leaving: up to 50 attempts, 20 ms apart.
-        self.remove_within(50);
+        // Tasks may still be leaving.
+        self.remove_within(std::time::Duration::from_secs(1));
     }
 
-    fn remove_within(&self, attempts: usize) {
+    /// Removes the cgroups once they are empty, waiting up to `wait` for
+    /// their tasks to leave (attempts 20 ms apart); busy ones stay after
+    /// that. For a sandbox whose supervisor was killed, where nothing else
+    /// will: its runsc ends on its own soon after.
+    pub fn remove_within(&self, wait: std::time::Duration) {
+        let attempts = (wait.as_millis() / 20).max(1) as usize;
         for c in CONTROLLERS {
             let dir = self.dir(c);
             for attempt in 1..=attempts {
