@@ -86,6 +86,20 @@ def test_exec_process_ids_are_distinct(running_sandbox):
     assert [p.wait() for p in procs] == [0] * 5
 
 
+def test_processes_start_with_default_signal_handling(running_sandbox):
+    # SIGPIPE at its default (the agent ignores it for itself): `yes` dies of
+    # it when `head` is gone, 128 + 13.
+    code, _, err = run(running_sandbox, ["sh", "-c", "(yes; echo yes-exit=$? >&2) | head -c1 >/dev/null"])
+    assert code == 0 and err == "yes-exit=141\n", err
+    # Nothing blocked (the agent blocks SIGCHLD for itself): TERM and CHLD reach
+    # a child and its shell.
+    code, out, _ = run(running_sandbox, ["sh", "-c", "sleep 30 & p=$!; kill -TERM $p; wait $p; echo $?"])
+    assert (code, out) == (0, "143\n")
+    # Also in a workdir other than "/" (the child changes into it itself).
+    code, _, err = run(running_sandbox, ["sh", "-c", "(yes; echo yes-exit=$? >&2) | head -c1 >/dev/null; pwd >&2"], workdir="/tmp")
+    assert code == 0 and err == "yes-exit=141\n/tmp\n", err
+
+
 def test_send_signal(running_sandbox):
     proc = running_sandbox.exec(["sleep", "300"])
     assert proc.poll() is None

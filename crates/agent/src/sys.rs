@@ -253,12 +253,13 @@ pub fn executable(path: &std::path::Path, meta: &std::fs::Metadata) -> bool {
 /// at its default disposition. Exec errors come back as the error.
 ///
 /// A `vfork`-style clone (shared memory, the parent waits until the child has
-/// exec'd) like glibc's `posix_spawn`, but the child makes ~10 system calls
+/// exec'd) like glibc's `posix_spawn`, but the child makes ~7 system calls
 /// where glibc's makes ~72: glibc resets the disposition of all 64 signals
 /// one `rt_sigaction` at a time, while this child resets only those the agent
-/// does not leave at the default (found once, [`non_default_signals`]). Under
-/// gVisor's ptrace platform every system call is a round trip through the
-/// sentry (bench/RESULTS.md, session 6: exec round trip 4.2 -> 3.4 ms).
+/// ignores (found once, [`Dispositions`]); execve itself resets caught ones.
+/// Under gVisor's ptrace platform every system call is a round trip through
+/// the sentry (~20 µs; bench/RESULTS.md, session 6: exec round trip 4.2 ->
+/// 3.4 ms).
 pub fn spawn(
     program: &std::ffi::CStr,
     argv: &[std::ffi::CString],
@@ -270,7 +271,8 @@ pub fn spawn(
     argv_p.push(std::ptr::null());
     let mut envp_p: Vec<*const libc::c_char> = envp.iter().map(|a| a.as_ptr()).collect();
     envp_p.push(std::ptr::null());
-    let reset = non_default_signals();
+    let signals = dispositions();
+    let reset = &signals.ignored;
     let args = ChildArgs {
         program: program.as_ptr(),
         argv: argv_p.as_ptr(),
@@ -288,11 +290,11 @@ pub fn spawn(
     // SAFETY: one past the end of the allocation, which is where a downward
     // growing stack starts; the child never returns past it.
     let top = unsafe { stack.as_mut_ptr().add(stack.len()) } as *mut libc::c_void;
-    // Block every signal around the clone: the child shares our memory and
-    // must not run one of our handlers before it has reset them. It unblocks
-    // signals (an empty mask) just before execve.
-    // The old mask is restored below on every path.
-    let old = swap_sigmask(!0);
+    // With handlers of our own, every signal is blocked around the clone: the
+    // child shares our memory and must not run one before its execve. It
+    // sets its own mask (empty) just before execve; ours is restored below
+    // on every path.
+    let old = signals.own_handlers.then(|| swap_sigmask(!0));
     // SAFETY: `child` only reads `args` (alive until after the clone returns:
     // CLONE_VFORK suspends us until the child exec'd or exited) and writes
     // its atomics.
@@ -305,7 +307,9 @@ pub fn spawn(
         )
     };
     let err = io::Error::last_os_error();
-    swap_sigmask(old);
+    if let Some(old) = old {
+        swap_sigmask(old);
+    }
     if pid < 0 {
         return Err(SpawnError::Other(err));
     }
@@ -441,33 +445,55 @@ pub fn ignore_sigpipe() {
 /// a `spawn` meanwhile waits for it). Call it once the agent has set up its
 /// own signal handling: the dispositions it finds are those a child resets.
 pub fn prepare_spawn() {
-    non_default_signals();
+    dispositions();
 }
 
-/// Signals whose disposition in the agent is not the default (a handler, or
-/// ignored: SIGPIPE), found once. A spawned child resets these; the others
-/// are at the default already, and exec keeps it so.
-fn non_default_signals() -> &'static [libc::c_int] {
-    static SIGNALS: std::sync::OnceLock<Vec<libc::c_int>> = std::sync::OnceLock::new();
-    SIGNALS.get_or_init(|| {
-        (1..=64)
-            .filter(|&sig| sig != libc::SIGKILL && sig != libc::SIGSTOP)
-            .filter(|&sig| {
-                let mut cur = KernelSigaction::default();
-                // SAFETY: a query (no new action) into a kernel-layout struct.
-                let r = unsafe {
-                    libc::syscall(
-                        libc::SYS_rt_sigaction,
-                        sig,
-                        std::ptr::null::<KernelSigaction>(),
-                        &mut cur,
-                        8,
-                    )
-                };
-                // Unknown: reset it to be sure.
-                r != 0 || cur.handler != libc::SIG_DFL
-            })
-            .collect()
+/// glibc's own handlers (SIGCANCEL, SIGSETXID): they return at once for a
+/// signal that did not come from their own process through `tgkill`, so in
+/// a vfork child (whose pid is its own) they touch nothing.
+const GLIBC_SIGNALS: [libc::c_int; 2] = [32, 33];
+
+/// The agent's signal dispositions that matter to a spawned child, found
+/// once (a query per signal).
+struct Dispositions {
+    /// Ignored signals (SIGPIPE): execve keeps those, so the child resets
+    /// them. Caught ones execve resets itself; the rest are at the default.
+    ignored: Vec<libc::c_int>,
+    /// A handler besides glibc's own (or a signal that could not be read):
+    /// `spawn` blocks signals around the clone.
+    own_handlers: bool,
+}
+
+fn dispositions() -> &'static Dispositions {
+    static FOUND: std::sync::OnceLock<Dispositions> = std::sync::OnceLock::new();
+    FOUND.get_or_init(|| {
+        let mut found = Dispositions {
+            ignored: Vec::new(),
+            own_handlers: false,
+        };
+        for sig in (1..=64).filter(|&s| s != libc::SIGKILL && s != libc::SIGSTOP) {
+            let mut cur = KernelSigaction::default();
+            // SAFETY: a query (no new action) into a kernel-layout struct.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    std::ptr::null::<KernelSigaction>(),
+                    &mut cur,
+                    8,
+                )
+            };
+            if r != 0 {
+                // Unknown: reset it, and block around the clone, to be sure.
+                found.ignored.push(sig);
+                found.own_handlers = true;
+            } else if cur.handler == libc::SIG_IGN {
+                found.ignored.push(sig);
+            } else if cur.handler != libc::SIG_DFL && !GLIBC_SIGNALS.contains(&sig) {
+                found.own_handlers = true;
+            }
+        }
+        found
     })
 }
 
