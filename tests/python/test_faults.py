@@ -98,6 +98,27 @@ def on_host_ids(daemon: Daemon) -> Set[str]:
     return ids
 
 
+def wait_no_checkpoint(sid: str, timeout: float = 60.0, quiet: float = 2.0) -> None:
+    """Wait until no `runsc ... checkpoint` of sandbox `sid` runs, and none
+    has for `quiet` s (its supervisor pauses the sandbox before starting
+    one). A supervisor goes on with a snapshot its daemon was killed during;
+    the directory that checkpoint writes would appear after a restarted
+    daemon removed the unfinished ones."""
+    deadline = time.monotonic() + timeout
+    last_seen = time.monotonic()
+    while True:
+        now = time.monotonic()
+        running = [cmd for _, cmd in pgrep(sid)
+                   if os.path.basename(cmd.split()[0]).startswith("runsc") and "checkpoint" in cmd.split()]
+        if running:
+            last_seen = now
+        elif now - last_seen >= quiet:
+            return
+        if now > deadline:
+            pytest.fail(f"a checkpoint of {sid} still runs after {timeout} s: {running}")
+        time.sleep(0.05)
+
+
 def registry(daemon: Daemon) -> Dict[str, Dict[str, Any]]:
     status, body = daemon.request("GET", "/v1/sandboxes")
     assert status == 200, body
@@ -298,7 +319,11 @@ def test_daemon_sigkill_during_exec(sandboxes, daemon):
 
     t = threading.Thread(target=execs, daemon=True)
     t.start()
-    time.sleep(0.5)
+    # Kill it while execs go on, once at least two were acknowledged.
+    deadline = time.monotonic() + 30
+    while len(acked) < 2 and t.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(acked) >= 2 and t.is_alive(), (acked, t.is_alive())
     daemon.kill()
     stop.set()
     t.join(timeout=30)
@@ -356,6 +381,9 @@ def test_daemon_sigkill_during_snapshot(sandboxes, daemon):
             status, body = raw_answer(s)
             acked = json.loads(body)["snapshot_id"] if status == 201 else None
             assert status in (None, 201, 409, 503), (status, body)
+            # The supervisor may still be checkpointing: let it finish before
+            # the restart, which removes unfinished snapshot dirs only once.
+            wait_no_checkpoint(sb.sandbox_id)
             daemon.start()
             # The source works or is reported exited with a reason.
             settle(sb.sandbox_id, timeout=60)
@@ -408,7 +436,13 @@ def test_sigkill_of_sandbox_process(daemon, target):
     assert sb.sandbox_id not in registry(daemon)
     left = wait_no_leftovers(daemon, [sb.sandbox_id])
     assert not left, f"leaked after SIGKILL of {target} + terminate: {left}"
-    cgroups = [c for c in ("memory", "cpu", "pids") if os.path.exists(f"/sys/fs/cgroup/{c}/gworker/{sb.sandbox_id}")]
+    # A killed supervisor's cgroups go once its runsc has ended (in the background).
+    deadline = time.monotonic() + 15
+    while True:
+        cgroups = [c for c in ("memory", "cpu", "pids") if os.path.exists(f"/sys/fs/cgroup/{c}/gworker/{sb.sandbox_id}")]
+        if not cgroups or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert not cgroups, f"cgroups left after SIGKILL of {target} + terminate: {cgroups}"
 
 
@@ -445,16 +479,23 @@ def test_stuck_network_lock_fails_the_sandbox_instead_of_hanging(daemon, tmp_pat
     it too long (here: a plain `flock`) makes a networked sandbox fail with a
     message naming the holder, and an exec waiting for that sandbox answers,
     instead of both waiting forever. Nothing of the sandbox is left."""
-    d2 = side_daemon(daemon, tmp_path, "gwlk-", {"GWORKER_NET_LOCK_WAIT_SECS": "2"})
-    holder = subprocess.Popen(["flock", "/run/gworker-net.lock", "sleep", "8"])
+    d2 = side_daemon(daemon, short_tempdir("gwlk-"), "gwlk-", {"GWORKER_NET_LOCK_WAIT_SECS": "2"})
+    ready = tmp_path / "lock-held"
+    # Held 10 s from when it is taken (then the terminate's teardown gets it);
+    # its own process group: the kill below also ends the `sleep`, which inherited the lock.
+    holder = subprocess.Popen(["flock", "/run/gworker-net.lock", "sh", "-c", f"touch {ready}; exec sleep 10"],
+                              start_new_session=True)
     try:
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while not ready.exists() and holder.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert ready.exists(), f"flock did not take the lock (exit {holder.poll()})"
         status, body = d2.request("POST", "/v1/sandboxes", {"image": "busybox", "cmd": [], "timeout": 60})
         assert status == 201, body
         exec_fails_the_sandbox(d2, body["sandbox_id"], 7, "a lock wait of 2 s",
                                "host network lock", f"pid {holder.pid}")
     finally:
-        holder.kill()
+        os.killpg(holder.pid, signal.SIGKILL)
         holder.wait()
         d2.stop()
 
@@ -469,7 +510,7 @@ def test_a_boot_that_never_answers_fails_the_sandbox(daemon, tmp_path):
                     "for a in \"$@\"; do [ \"$a\" = run ] && exec sleep 300; done\n"
                     "exec /usr/bin/runsc \"$@\"\n")
     fake.chmod(0o755)
-    d2 = side_daemon(daemon, tmp_path, "gwbt-", {"GWORKER_BOOT_LIMIT_SECS": "2"}, ["--runsc", str(fake)])
+    d2 = side_daemon(daemon, short_tempdir("gwbt-"), "gwbt-", {"GWORKER_BOOT_LIMIT_SECS": "2"}, ["--runsc", str(fake)])
     try:
         status, body = d2.request("POST", "/v1/sandboxes", {"image": "busybox", "timeout": 60, "block_network": True})
         assert status == 201, body
@@ -483,7 +524,7 @@ def test_a_frozen_sandbox_fails_its_exec_instead_of_hanging(daemon, tmp_path):
     SIGSTOPped on the host) answers an exec with 409 after the agent's
     answer limit, and is failed with a message saying why, instead of every
     exec hanging forever. A terminate then leaves nothing."""
-    d2 = side_daemon(daemon, tmp_path, "gwfr-", {"GWORKER_AGENT_ANSWER_SECS": "2"})
+    d2 = side_daemon(daemon, short_tempdir("gwfr-"), "gwfr-", {"GWORKER_AGENT_ANSWER_SECS": "2"})
     stopped: List[int] = []
     try:
         status, body = d2.request("POST", "/v1/sandboxes", {"image": "busybox", "timeout": 60, "block_network": True})

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator
@@ -29,6 +30,25 @@ PROBE = (
 
 def sh(*cmd: str) -> None:
     subprocess.run(cmd, check=True, capture_output=True)
+
+
+def wait_until_answers(addr: str, port: int, expected: bytes, proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Retry a connection from the host until the server at addr:port answers
+    `expected` (it may still be starting)."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the test server exited with {proc.returncode}"
+        try:
+            with socket.create_connection((addr, port), timeout=2) as s:
+                got = s.recv(64)
+            if got == expected:
+                return
+            last = got
+        except OSError as e:
+            last = e
+        time.sleep(0.05)
+    pytest.fail(f"the test server {addr}:{port} did not answer {expected!r} in {timeout} s (last: {last!r})")
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +84,15 @@ def test_hosts() -> Iterator[Dict[str, Any]]:
             f"serve('{link_peer}', 'private')\n"
         )
         proc = subprocess.Popen(["ip", "netns", "exec", ns, "python3", "-c", server])
-        yield {"public": public, "private": link_peer, "ns": ns}
-        proc.kill()
-        proc.wait()
+        try:
+            # Both servers answer before any test relies on them (or on their
+            # being unreachable from a sandbox).
+            for addr, name in ((public, "public"), (link_peer, "private")):
+                wait_until_answers(addr, 8000, name.encode(), proc)
+            yield {"public": public, "private": link_peer, "ns": ns}
+        finally:
+            proc.kill()
+            proc.wait()
     finally:
         subprocess.run(["ip", "route", "del", f"{public}/32"], capture_output=True)
         subprocess.run(["ip", "link", "del", h], capture_output=True)
@@ -137,12 +163,16 @@ def test_block_network_is_loopback_only(daemon: Any, sandboxes: Any, test_hosts:
 def test_sandboxes_cannot_reach_each_other(daemon: Any, sandboxes: Any) -> None:
     server = sandboxes(image=Image.debian_slim(),
                        cmd=["python3", "-c", "import socket; s=socket.socket(); s.bind(('0.0.0.0', 9000)); s.listen();"
-                            "c,_=s.accept(); c.sendall(b'x')"])
+                            "print('listening', flush=True)\n"
+                            "while True: c,_=s.accept(); c.sendall(b'x'); c.close()"])
+    assert server.stdout.readline() == "listening\n"
     p = server.exec(["python3", "-c", "import socket,time; time.sleep(0.5);"
                      "s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(('192.0.2.1', 9));"
                      "print(s.getsockname()[0])"])
     addr = p.stdout.read().strip()
     assert addr.startswith("10.231."), addr
+    # The server answers on that address (so a refusal below is the policy's).
+    assert probe(server, addr, 9000) == "OPEN x"
     client = sandboxes(image=Image.debian_slim())
     assert probe(client, addr, 9000).startswith("REFUSED")
 
@@ -154,13 +184,13 @@ def test_network_is_removed_with_the_sandbox(daemon: Any, sandboxes: Any) -> Non
     assert os.path.exists(f"/run/netns/gw-{sid}")
     assert (Path(daemon.data_dir) / "net" / f"{sid}.json").exists()
     sb.terminate()
-    # The supervisor removes it just after answering the terminate.
-    import time
+    # The supervisor removes it just after answering the terminate, the state file last.
+    netns, state = Path(f"/run/netns/gw-{sid}"), Path(daemon.data_dir) / "net" / f"{sid}.json"
     deadline = time.monotonic() + 10
-    while os.path.exists(f"/run/netns/gw-{sid}") and time.monotonic() < deadline:
+    while (netns.exists() or state.exists()) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not os.path.exists(f"/run/netns/gw-{sid}")
-    assert not (Path(daemon.data_dir) / "net" / f"{sid}.json").exists()
+    assert not netns.exists()
+    assert not state.exists()
     rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
     assert f"gw:{sid}" not in rules
 

@@ -385,3 +385,25 @@ fn create_with_limits_and_network_policy() {
     assert_ne!(o.status.code(), Some(0));
     assert!(stderr(&o).contains("cidr_allowlist"), "{}", stderr(&o));
 }
+
+#[test]
+fn serve_refuses_a_data_dir_too_long_for_sandbox_sockets() {
+    let dir =
+        std::env::temp_dir().join(format!("gw-long-{}-{}", std::process::id(), "d".repeat(80)));
+    let sock = std::env::temp_dir().join(format!("gw-long-{}.sock", std::process::id()));
+    let o = Command::new(BIN)
+        .args(["serve", "--no-host-tuning", "--data-dir"])
+        .arg(&dir)
+        .arg("--socket")
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("data directory's path is too long") && e.contains("at most 66 bytes"),
+        "{e}"
+    );
+    // Refused before anything was made or listened on.
+    assert!(!dir.exists() && !sock.exists());
+}
