@@ -96,7 +96,7 @@ def free_port() -> int:
 def tcp_daemon(tmp_path, daemon):
     """A second daemon that also listens on loopback TCP with a token."""
     port = free_port()
-    d = Daemon(gworker_bin(), tmp_path / "data", short_tempdir("gwtcp-") / "gw.sock",
+    d = Daemon(gworker_bin(), short_tempdir("gwtcpd-") / "data", short_tempdir("gwtcp-") / "gw.sock",
                extra_args=["--listen", f"127.0.0.1:{port}"], env={"GWORKER_TOKEN": "test-token-123"})
     d.start()
     d.tcp_url = f"http://127.0.0.1:{port}"

@@ -641,7 +641,7 @@ def test_schemathesis_fuzz(daemon, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    data = tmp_path / "fuzz-data"
+    data = short_tempdir("gwfzd-") / "data"  # supervisor socket paths must stay short
     data.mkdir()
     # Share the session daemon's built images (builders lock each other out),
     # and build the default image first: a request on a sandbox still starting

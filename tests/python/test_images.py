@@ -180,7 +180,7 @@ def test_the_daemon_warns_about_a_builtin_of_an_older_recipe(tmp_path: Path) -> 
     # the daemon says so at start, with what to do.
     from helpers import Daemon, gworker_bin, short_tempdir
 
-    data = tmp_path / "data"
+    data = short_tempdir("gwoldd-") / "data"  # supervisor socket paths must stay short
     img = data / "images" / "busybox"
     (img / "rootfs").mkdir(parents=True)
     meta = {"name": "busybox", "recipe_version": 1, "size_bytes": 0, "built_at_unix_secs": 0, "env": []}
