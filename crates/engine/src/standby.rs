@@ -26,15 +26,15 @@ pub(crate) fn start(exe: &Path, placeholder: &Path) -> io::Result<Standby> {
         SockFlag::SOCK_CLOEXEC,
     )
     .map_err(io::Error::from)?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.arg("supervise-standby")
-        .arg(placeholder)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
     crate::spawn_detached(
-        &mut cmd,
-        vec![(theirs.as_raw_fd(), gworker_supervisor::server::STANDBY_FD)],
+        exe,
+        &["supervise-standby".as_ref(), placeholder.as_os_str()],
+        &[
+            (null.as_raw_fd(), 1),
+            (null.as_raw_fd(), 2),
+            (theirs.as_raw_fd(), gworker_supervisor::server::STANDBY_FD),
+        ],
     )?;
     drop(theirs);
     Ok(Standby { ctl: ours })
