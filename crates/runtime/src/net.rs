@@ -486,6 +486,29 @@ impl SandboxNet {
         remove_objects(&ids, state_dir)
     }
 
+    /// Gives the guest end of `id`'s veth its address and routes again, in
+    /// its netns as its setup left it. runsc takes them over when it starts
+    /// a sandbox (its network stack has them, the interface no longer), so a
+    /// restore into the same netns after a checkpoint needs them back; the
+    /// veth, the host end and the rules stay as they were. No host lock: it
+    /// touches nothing outside that netns.
+    pub fn readdress(id: &str, state_dir: &Path) -> Result<(), NetError> {
+        check_id(id)?;
+        let slot = recorded_slot(state_dir, id).ok_or_else(|| NetError::Command {
+            command: "readdress".into(),
+            message: format!("no network recorded for {id}"),
+        })?;
+        let (host_ip, guest_ip) = slot_addrs(slot);
+        let netns = format!("{NETNS_PREFIX}{id}");
+        let batch = format!(
+            "link set dev lo up\n\
+             address replace {guest_ip}/{SUBNET_PREFIX} dev {GUEST_IF}\n\
+             link set dev {GUEST_IF} up\n\
+             route replace default via {host_ip} dev {GUEST_IF}\n"
+        );
+        run("ip", &["-netns", &netns, "-batch", "-"], Some(&batch)).map(|_| ())
+    }
+
     /// `/run/netns/gw-<id>`: the `path` of the OCI network namespace.
     pub fn netns_path(&self) -> PathBuf {
         Path::new(NETNS_DIR).join(&self.netns)

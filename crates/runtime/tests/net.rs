@@ -1203,3 +1203,42 @@ fn background_setup_takes_the_lock_when_it_is_free() {
     SandboxNet::teardown(&id, &state.0).unwrap();
     assert_eq!(leftovers(&id, net.slot), Vec::<String>::new());
 }
+
+#[test]
+fn readdress_gives_back_what_runsc_takes_from_the_guest_end() {
+    if !can_run() {
+        return;
+    }
+    let th = TestHost::new();
+    let srv = th.serve(0);
+    let state = TempDir::new("state");
+    let id = uniq_id("rad");
+    let _guard = NetGuard::new(&id, &state.0);
+    let policy = NetPolicy::Internet {
+        extra_allowed: vec![],
+    };
+    let net = SandboxNet::setup(&id, &policy, &state.0).unwrap();
+    assert_reaches(&net, th.public, srv.port);
+    // What runsc does when it starts the sandbox: the guest end's address
+    // and routes move into its network stack.
+    let ns = format!("gw-{id}");
+    let cidr = format!("{}/{}", net.guest_ip, net::SUBNET_PREFIX);
+    sh("ip", &["-netns", &ns, "route", "flush", "dev", "eth0"]);
+    sh(
+        "ip",
+        &["-netns", &ns, "address", "del", &cidr, "dev", "eth0"],
+    );
+    assert_refused(&net, th.public, srv.port);
+    SandboxNet::readdress(&id, &state.0).unwrap();
+    assert_reaches(&net, th.public, srv.port);
+    // Idempotent: again with everything in place.
+    SandboxNet::readdress(&id, &state.0).unwrap();
+    assert_reaches(&net, th.public, srv.port);
+    // The same veth: its host end is still there.
+    assert!(Path::new(&format!("/sys/class/net/{}", net.host_if)).exists());
+    SandboxNet::teardown(&id, &state.0).unwrap();
+    assert!(
+        SandboxNet::readdress(&id, &state.0).is_err(),
+        "no network recorded"
+    );
+}

@@ -1841,12 +1841,16 @@ async fn checkpoint_inner(
         )));
     }
     // runsc took the veth's addresses into the stopped sandbox: the restore
-    // gets a fresh veth on the same slot (same addresses, same rules).
+    // finds them on it again (same veth, slot, addresses and rules).
     if shared.cfg.networked() {
         let cfg = shared.cfg.clone();
-        let res = tokio::task::spawn_blocking(move || set_up_network(&cfg, false))
-            .await
-            .unwrap_or_else(|e| Err(e.to_string()));
+        let res = tokio::task::spawn_blocking(move || {
+            let state = cfg.net_state_dir.clone().unwrap_or_default();
+            gworker_runtime::net::SandboxNet::readdress(&cfg.sandbox_id, &state)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
         if let Err(e) = res {
             kill_sandbox(shared, "failed");
             return Err(failed(format!(
