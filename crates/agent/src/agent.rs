@@ -100,6 +100,9 @@ struct InPipe {
     off: usize,
     close_when_drained: bool,
     polled: bool,
+    /// O_NONBLOCK is set when the first input comes: most processes never
+    /// get any (one system call fewer per exec).
+    nonblocking: bool,
 }
 
 struct Proc {
@@ -250,6 +253,18 @@ fn flush_stdin(epoll: &Epoll, pid: u32, s: &mut InPipe) {
     let Some(fd) = s.fd.as_ref().map(|f| f.as_raw_fd()) else {
         return;
     };
+    if !s.nonblocking && !s.queue.is_empty() {
+        if let Err(e) = sys::set_nonblocking(fd) {
+            // A blocking write could stall the agent: drop the input instead.
+            eprintln!(
+                "gworker-agent: O_NONBLOCK for stdin of {pid}: {}",
+                errstr(&e)
+            );
+            close_stdin(s);
+            return;
+        }
+        s.nonblocking = true;
+    }
     while let Some(front) = s.queue.front() {
         match sys::write(fd, &front[s.off..]) {
             Ok(n) => {
@@ -589,15 +604,11 @@ impl Agent {
                 off: 0,
                 close_when_drained: false,
                 polled: false,
+                nonblocking: false,
             },
             exited: false,
         };
-        for fd in p
-            .out
-            .iter()
-            .filter_map(|o| o.fd.as_ref())
-            .chain(p.stdin.fd.as_ref())
-        {
+        for fd in p.out.iter().filter_map(|o| o.fd.as_ref()) {
             if let Err(e) = sys::set_nonblocking(fd.as_raw_fd()) {
                 self.log(format!("O_NONBLOCK for process {pid}: {}", errstr(&e)));
             }
