@@ -305,6 +305,52 @@ async fn snapshot(a: InfoArgs) -> CmdResult {
 }
 
 /// Runs `gworker snapshot ...`.
+/// `gworker status`'s arguments.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Print the daemon's answer (`GET /v1/health`) as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Whether the daemon answers, its version, and its warm pool per image.
+pub fn run_status(a: StatusArgs) -> ExitCode {
+    block_on(async move {
+        let c = client(&a.conn)?;
+        let h = c.health().await.map_err(|e| fail(e, None))?;
+        if a.json {
+            println!("{}", to_json(serde_json::to_value(&h)));
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!(
+            "daemon at {}: {} (gworker {})",
+            c.url(),
+            h.status,
+            h.version
+        );
+        if h.pool.is_empty() {
+            println!("warm pool: none (`gworker serve --pool IMAGE=N` keeps N sandboxes booted)");
+        } else {
+            let rows: Vec<[String; 4]> = h
+                .pool
+                .iter()
+                .map(|p| {
+                    [
+                        p.image.clone(),
+                        p.size.to_string(),
+                        p.ready.to_string(),
+                        p.booting.to_string(),
+                    ]
+                })
+                .collect();
+            print_table(["POOL IMAGE", "SIZE", "READY", "BOOTING"], &rows);
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
 pub fn run_snapshot(cmd: SnapshotCmd) -> ExitCode {
     block_on(async move {
         match cmd {

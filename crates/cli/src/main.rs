@@ -39,6 +39,8 @@ enum Cmd {
     /// Images: build from a description, pull from a registry, list, remove.
     #[command(subcommand)]
     Image(image_cmds::ImageCmd),
+    /// Whether the daemon answers, its version, and its warm pool (`--json` for scripts).
+    Status(client_cmds::StatusArgs),
     /// Internal: the per-sandbox supervisor process (started by the daemon).
     #[command(hide = true)]
     Supervise { dir: std::path::PathBuf },
@@ -61,5 +63,6 @@ fn main() -> std::process::ExitCode {
         Cmd::Snapshot(cmd) => client_cmds::run_snapshot(cmd),
         Cmd::Volume(cmd) => store_cmds::volume(cmd),
         Cmd::Secret(cmd) => store_cmds::secret(cmd),
+        Cmd::Status(a) => client_cmds::run_status(a),
     }
 }

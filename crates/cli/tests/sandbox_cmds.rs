@@ -407,3 +407,61 @@ fn serve_refuses_a_data_dir_too_long_for_sandbox_sockets() {
     // Refused before anything was made or listened on.
     assert!(!dir.exists() && !sock.exists());
 }
+
+#[test]
+fn status_shows_the_daemon_and_its_pool() {
+    let status = |d: &common::Daemon, json: bool| {
+        let mut c = Command::new(BIN);
+        c.arg("status").env("GWORKER_URL", &d.url);
+        if json {
+            c.arg("--json");
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    let d = daemon_or_skip!();
+    let text = status(&d, false);
+    assert!(
+        text.starts_with(&format!("daemon at {}: ok (gworker ", d.url)),
+        "{text}"
+    );
+    assert!(text.contains("warm pool: none"), "{text}");
+    drop(d);
+
+    let Some(d) = common::Daemon::start_with(&["--pool", "busybox=1"]) else {
+        return;
+    };
+    let start = Instant::now();
+    loop {
+        let v: serde_json::Value = serde_json::from_str(&status(&d, true)).unwrap();
+        assert_eq!(v["status"], "ok");
+        let pool = &v["pool"][0];
+        assert_eq!(
+            (&pool["image"], &pool["size"]),
+            (&"busybox".into(), &1.into()),
+            "{v}"
+        );
+        if pool["ready"] == 1 {
+            assert_eq!(pool["booting"], 0, "{v}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the slot never booted: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = status(&d, false);
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows[0],
+        ["POOL", "IMAGE", "SIZE", "READY", "BOOTING"],
+        "{text}"
+    );
+    assert_eq!(rows[1], ["busybox", "1", "1", "0"], "{text}");
+}

@@ -46,6 +46,11 @@ pub(crate) use daemon_or_skip;
 
 impl Daemon {
     pub fn start() -> Option<Daemon> {
+        Daemon::start_with(&[])
+    }
+
+    /// With more `gworker serve` arguments.
+    pub fn start_with(extra: &[&str]) -> Option<Daemon> {
         if !have_runsc() {
             return None;
         }
@@ -61,6 +66,7 @@ impl Daemon {
             .arg(dir.join("data"))
             .arg("--socket")
             .arg(&socket)
+            .args(extra)
             .env_remove("GWORKER_TOKEN")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
