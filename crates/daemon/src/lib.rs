@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use gworker_engine::{Engine, EngineConfig};
+use tokio::signal::unix::{signal, SignalKind};
 
 pub use openapi::openapi_json;
 
@@ -88,17 +89,43 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
 
     let app = routes::router(engine.clone(), None);
     let unix_server = axum::serve(unix, app.into_make_service());
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let stop = async {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    };
 
-    if let Some(addr) = opts.listen {
-        let tcp = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        tracing::info!(%addr, "listening on TCP (token required)");
-        let app = routes::router(engine.clone(), opts.token.clone().map(Arc::new));
-        let tcp_server = axum::serve(tcp, app.into_make_service());
-        tokio::try_join!(async { unix_server.await }, async { tcp_server.await })?;
-    } else {
-        unix_server.await?;
-    }
+    let servers = async {
+        if let Some(addr) = opts.listen {
+            let tcp = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            tracing::info!(%addr, "listening on TCP (token required)");
+            let app = routes::router(engine.clone(), opts.token.clone().map(Arc::new));
+            let tcp_server = axum::serve(tcp, app.into_make_service());
+            tokio::try_join!(async { unix_server.await }, async { tcp_server.await })?;
+        } else {
+            unix_server.await?;
+        }
+        anyhow::Ok(())
+    };
+    // Stopping: requests in flight are cut (as a crash would; clients retry
+    // or resume), the users' sandboxes go on under their supervisors, and
+    // the warm pool's unclaimed slots (no one's) are shut down. The standby
+    // supervisor ends by itself when the daemon is gone.
+    let why = tokio::select! {
+        r = servers => return r,
+        why = stop => why,
+    };
+    tracing::info!(
+        signal = why,
+        "stopping: shutting down the warm pool's unclaimed slots"
+    );
+    engine.stop_pool(Duration::from_secs(10)).await;
+    let _ = std::fs::remove_file(&opts.socket);
+    tracing::info!("stopped; sandboxes keep running and are found again at the next start");
     Ok(())
 }

@@ -112,6 +112,32 @@ impl Daemon {
         );
     }
 
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits (at most 30 s) for the daemon to exit.
+    fn term(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("a running daemon");
+        let pid = c.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let start = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill().unwrap();
@@ -940,4 +966,54 @@ fn a_create_on_a_drained_pool_waits_for_a_booting_slot() {
         let out = d.req("GET", &format!("/v1/sandboxes/{id}/processes/0/stdout"), "");
         assert_eq!(out.body, b"ok\n");
     }
+}
+
+#[test]
+fn sigterm_shuts_the_pool_down_and_leaves_users_sandboxes_running() {
+    let Some(mut d) = Daemon::start_with("stop", &["--pool", "busybox=2"]) else {
+        return;
+    };
+    wait_for("two booted slots", || pool_ready(&d, "busybox") == 2);
+    let user = d.create(r#"{"image":"busybox","timeout":120}"#);
+    // The pool refills: two unclaimed slots beside the user's sandbox.
+    wait_for("the refill", || pool_ready(&d, "busybox") == 2);
+    let slots: Vec<String> = sandbox_dirs(&d)
+        .into_iter()
+        .filter(|s| *s != user)
+        .collect();
+    assert_eq!(slots.len(), 2, "{slots:?}");
+    let alive = |id: &str| {
+        Command::new("pgrep")
+            .args(["-f", &format!("supervise .*{id}")])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(alive(&user) && slots.iter().all(|s| alive(s)));
+    let st = d.term();
+    assert!(st.success(), "daemon exit after SIGTERM: {st}");
+    assert!(d.log().contains("stopping"), "{}", d.log());
+    // The slots are gone (their supervisors end once their sandbox is torn
+    // down, just after); the user's sandbox is not.
+    wait_for("the slots' supervisors to end", || {
+        slots.iter().all(|s| !alive(s))
+    });
+    assert_eq!(sandbox_dirs(&d), vec![user.clone()]);
+    assert!(alive(&user));
+    assert!(!d.sock.exists(), "the daemon's socket was removed");
+    // The next daemon finds the user's sandbox working.
+    d.extra.clear();
+    d.spawn();
+    let p = d.json(
+        "POST",
+        &format!("/v1/sandboxes/{user}/exec"),
+        r#"{"cmd":["echo","still here"]}"#,
+    );
+    let out = d.req(
+        "GET",
+        &format!("/v1/sandboxes/{user}/processes/{}/stdout", p["process_id"]),
+        "",
+    );
+    assert_eq!(out.body, b"still here\n");
 }

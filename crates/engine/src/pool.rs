@@ -55,6 +55,8 @@ pub(crate) struct Pool {
     became_ready: tokio::sync::Notify,
     /// Creates waiting for a slot (see [`Pool::take_or_wait`]).
     waiting: std::sync::atomic::AtomicUsize,
+    /// Set when the daemon stops: no more refills (see [`Engine::stop_pool`]).
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 /// How long a create whose image has no ready slot waits for one that is
@@ -282,6 +284,9 @@ impl Engine {
     }
 
     async fn fill_pool(self: &Arc<Self>) {
+        if self.pool.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let budget_slots = (self.pool.cfg.memory_budget_mb / SLOT_COST_MB) as usize;
         for (image, want) in &self.pool.cfg.sizes {
             let ready = self.pool.ready_count(image);
@@ -401,6 +406,41 @@ impl Engine {
         let _ = SupClient::new(self.sock_path(id)).shutdown().await;
         let _ = std::fs::remove_file(self.sock_path(id));
         let _ = std::fs::remove_dir_all(self.sandbox_dir(id));
+    }
+
+    /// For a daemon that stops: no more refills, and every unclaimed slot
+    /// (ready or booting: every sandbox the registry does not know) shut down
+    /// and removed, so that a stopped daemon leaves only its users'
+    /// sandboxes running. Waits for them, at most `limit`.
+    pub async fn stop_pool(self: &Arc<Self>, limit: Duration) {
+        self.pool
+            .stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.pool.ready.lock().unwrap().clear();
+        // A slot still booting is let finish, then shut down: its directory
+        // may not exist yet when this starts.
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.pool.starting.lock().unwrap().values().sum::<usize>() > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let Ok(entries) = std::fs::read_dir(self.cfg.data_dir.join("sandboxes")) else {
+            return;
+        };
+        let mut stops = tokio::task::JoinSet::new();
+        for e in entries.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            if crate::check_id(&id).is_err() || !matches!(self.reg.get_sandbox(&id), Ok(None)) {
+                continue;
+            }
+            let engine = self.clone();
+            stops.spawn(async move { engine.discard_slot(&id).await });
+        }
+        let _ = tokio::time::timeout_at(deadline, async {
+            while stops.join_next().await.is_some() {}
+        })
+        .await;
     }
 
     /// Removes sandboxes the registry does not know: unclaimed pool slots of

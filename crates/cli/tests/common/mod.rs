@@ -166,6 +166,15 @@ impl Drop for Daemon {
                 self.log()
             );
         }
+        // SIGTERM: the daemon shuts its warm pool's unclaimed slots down
+        // (nobody's sandboxes: nothing else would). SIGKILL if it hangs.
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let start = Instant::now();
+        while matches!(self.child.try_wait(), Ok(None)) && start.elapsed() < Duration::from_secs(20)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         unmount_under(&self.dir);
