@@ -446,6 +446,37 @@ def test_sigkill_of_sandbox_process(daemon, target):
     assert not cgroups, f"cgroups left after SIGKILL of {target} + terminate: {cgroups}"
 
 
+def test_sigterm_of_the_supervisor_stops_its_sandbox_cleanly(daemon):
+    """An operator's `kill` (SIGTERM) of a supervisor stops its sandbox and
+    removes what it made (processes, netns, veth, cgroups), instead of
+    leaving them as a SIGKILL must; the daemon reports the sandbox exited."""
+    sb = Sandbox.create(["sleep", "300"], image=BUSYBOX, timeout=120)
+    try:
+        run(sb, ["true"])
+        sup = [pid for pid, cmd in pgrep(sb.sandbox_id) if "supervise" in cmd and str(daemon.data_dir) in cmd]
+        assert len(sup) == 1, pgrep(sb.sandbox_id)
+        assert os.path.exists(f"/run/netns/gw-{sb.sandbox_id}")
+        os.kill(sup[0], signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while True:
+            procs = pgrep(sb.sandbox_id)
+            cgroups = [c for c in ("memory", "cpu", "pids")
+                       if os.path.exists(f"/sys/fs/cgroup/{c}/gworker/{sb.sandbox_id}")]
+            netns = os.path.exists(f"/run/netns/gw-{sb.sandbox_id}")
+            if not (procs or cgroups or netns) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert (procs, cgroups, netns) == ([], [], False)
+        rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
+        assert f"gw:{sb.sandbox_id}" not in rules
+        info = settle(sb.sandbox_id, timeout=30)
+        assert info["state"] == "exited", info
+        assert daemon.alive()
+    finally:
+        sb.terminate()
+    assert not wait_no_leftovers(daemon, [sb.sandbox_id])
+
+
 # --------------------------------------------------------------------------
 # Wedged sandboxes: every wait on a sandbox is bounded
 # --------------------------------------------------------------------------

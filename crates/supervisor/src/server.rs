@@ -628,9 +628,17 @@ async fn serve(
             }
         }
     };
+    // SIGTERM (an operator's `kill`, a service manager stopping everything):
+    // the sandbox is stopped as by a shutdown request, its network and
+    // cgroups removed, instead of the default death that leaves them.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = accept => {}
         _ = shared.shutdown.notified() => {}
+        _ = term.recv() => {
+            eprintln!("supervisor: SIGTERM: stopping the sandbox");
+            shutdown(&shared).await;
+        }
     }
     // The network goes after the answer to a shutdown, but before this
     // process does: normally runsc_waiter removes it once runsc has ended;
