@@ -8,9 +8,18 @@ use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-/// Descriptors are first copied to `TEMP_FD_BASE + i`, then to their place,
-/// so that no placement overwrites a descriptor a later one reads.
-const TEMP_FD_BASE: RawFd = 900;
+/// Descriptors are first copied to `temp_base(fds) + i`, above every source
+/// and target, then to their place, so that no placement overwrites a
+/// descriptor a later one reads. (Low numbers: a soft RLIMIT_NOFILE of a
+/// few hundred still allows them.)
+fn temp_base(fds: &[(RawFd, RawFd)]) -> RawFd {
+    fds.iter()
+        .map(|&(fd, at)| fd.max(at))
+        .max()
+        .unwrap_or(2)
+        .max(2)
+        + 1
+}
 
 /// `posix_spawn` of `exe args` with the daemon's environment: a new session,
 /// an empty signal mask, every signal at its default, stdin from /dev/null,
@@ -56,14 +65,15 @@ pub(crate) fn posix_spawn_detached(
             0,
         )
     })?;
+    let base = temp_base(fds);
     for (i, &(fd, _)) in fds.iter().enumerate() {
         // SAFETY: as above.
         check(unsafe {
-            libc::posix_spawn_file_actions_adddup2(&mut actions.0, fd, TEMP_FD_BASE + i as RawFd)
+            libc::posix_spawn_file_actions_adddup2(&mut actions.0, fd, base + i as RawFd)
         })?;
     }
     for (i, &(_, at)) in fds.iter().enumerate() {
-        let tmp = TEMP_FD_BASE + i as RawFd;
+        let tmp = base + i as RawFd;
         // SAFETY: as above.
         check(unsafe { libc::posix_spawn_file_actions_adddup2(&mut actions.0, tmp, at) })?;
         // SAFETY: as above.
@@ -172,14 +182,16 @@ mod tests {
         let (mut extra_r, extra_w) = pipe();
         let script = "echo out; echo extra >&7; ps -o sid= -p $$; ps -o pid= -p $$; \
                       grep -E '^(SigBlk|SigIgn)' /proc/self/status; ls /proc/self/fd | sort -n | tr '\\n' ' '";
+        let fds = [
+            (out_w.as_raw_fd(), 1),
+            (out_w.as_raw_fd(), 2),
+            (extra_w.as_raw_fd(), 7),
+        ];
+        let base = temp_base(&fds);
         let pid = posix_spawn_detached(
             Path::new("/bin/sh"),
             &["-c".as_ref(), script.as_ref()],
-            &[
-                (out_w.as_raw_fd(), 1),
-                (out_w.as_raw_fd(), 2),
-                (extra_w.as_raw_fd(), 7),
-            ],
+            &fds,
         )
         .unwrap();
         drop((out_w, extra_w));
@@ -207,7 +219,12 @@ mod tests {
         for fd in ["0", "1", "2", "7"] {
             assert!(open.contains(&fd), "{out}");
         }
-        assert!(!open.iter().any(|fd| fd.starts_with("90")), "{out}");
+        for tmp in base..base + fds.len() as RawFd {
+            assert!(
+                !open.contains(&tmp.to_string().as_str()),
+                "{tmp} left open: {out}"
+            );
+        }
     }
 
     #[test]
