@@ -37,23 +37,6 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             opts.engine.agent.display()
         );
     }
-    // Each sandbox's supervisor listens on DATA_DIR/sock/<id>, and a unix
-    // socket's path has at most 107 bytes.
-    let sock = opts
-        .engine
-        .data_dir
-        .join("sock")
-        .join(format!("sb-{}", "0".repeat(32)));
-    let len = sock.as_os_str().len();
-    if len > 107 {
-        anyhow::bail!(
-            "the data directory's path is too long: sandbox sockets under it would take {len} bytes \
-             ({}), a unix socket's path at most 107; choose a data directory of at most {} bytes \
-             (--data-dir)",
-            sock.display(),
-            opts.engine.data_dir.as_os_str().len() - (len - 107)
-        );
-    }
     let engine = tokio::task::spawn_blocking({
         let cfg = opts.engine.clone();
         move || Engine::open(cfg)

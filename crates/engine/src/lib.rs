@@ -267,6 +267,30 @@ fn new_id() -> String {
     format!("sb-{}", hex::encode(b))
 }
 
+/// Where the supervisor of sandbox `id` listens.
+fn sock_path_in(data_dir: &Path, id: &str) -> PathBuf {
+    data_dir.join("sock").join(id)
+}
+
+/// Refuses a data directory under which sandbox sockets ([`sock_path_in`])
+/// would not fit a unix socket's 107-byte path, before anything is made in
+/// it.
+fn check_socket_room(data_dir: &Path) -> Result<()> {
+    const SUN_PATH_MAX: usize = 107;
+    let sock = sock_path_in(data_dir, &new_id());
+    let len = sock.as_os_str().len();
+    if len <= SUN_PATH_MAX {
+        return Ok(());
+    }
+    Err(EngineError::Invalid(format!(
+        "the data directory's path is too long: sandbox sockets under it would take {len} bytes \
+         ({}), a unix socket's path at most {SUN_PATH_MAX}; choose a data directory of at most {} \
+         bytes (--data-dir)",
+        sock.display(),
+        data_dir.as_os_str().len() - (len - SUN_PATH_MAX)
+    )))
+}
+
 /// IDs come from users: only well-formed ones touch paths.
 fn check_id(id: &str) -> Result<()> {
     let ok = id.len() == 35
@@ -291,6 +315,7 @@ impl Engine {
     /// Opens the data directory, the registry, and finds the supervisors of
     /// sandboxes that were running before a restart.
     pub fn open(cfg: EngineConfig) -> Result<Arc<Engine>> {
+        check_socket_room(&cfg.data_dir)?;
         for d in ["images", "runsc", "sandboxes", "sock", "snapshots"] {
             std::fs::create_dir_all(cfg.data_dir.join(d)).map_err(|e| {
                 EngineError::Internal(format!(
@@ -397,7 +422,7 @@ impl Engine {
     }
 
     fn sock_path(&self, id: &str) -> PathBuf {
-        self.cfg.data_dir.join("sock").join(id)
+        sock_path_in(&self.cfg.data_dir, id)
     }
 
     fn sandbox_dir(&self, id: &str) -> PathBuf {
