@@ -408,6 +408,21 @@ impl Engine {
         let _ = std::fs::remove_dir_all(self.sandbox_dir(id));
     }
 
+    /// Sandbox directories the registry has no row for: unclaimed pool
+    /// slots, or a create cut short.
+    fn unregistered_sandboxes(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(self.cfg.data_dir.join("sandboxes")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|id| {
+                crate::check_id(id).is_ok() && matches!(self.reg.get_sandbox(id), Ok(None))
+            })
+            .collect()
+    }
+
     /// For a daemon that stops: no more refills, and every unclaimed slot
     /// (ready or booting: every sandbox the registry does not know) shut down
     /// and removed, so that a stopped daemon leaves only its users'
@@ -425,15 +440,8 @@ impl Engine {
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let Ok(entries) = std::fs::read_dir(self.cfg.data_dir.join("sandboxes")) else {
-            return;
-        };
         let mut stops = tokio::task::JoinSet::new();
-        for e in entries.flatten() {
-            let id = e.file_name().to_string_lossy().into_owned();
-            if crate::check_id(&id).is_err() || !matches!(self.reg.get_sandbox(&id), Ok(None)) {
-                continue;
-            }
+        for id in self.unregistered_sandboxes() {
             let engine = self.clone();
             stops.spawn(async move { engine.discard_slot(&id).await });
         }
@@ -458,14 +466,7 @@ impl Engine {
                 }
             }
         }
-        let Ok(entries) = std::fs::read_dir(self.cfg.data_dir.join("sandboxes")) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let id = e.file_name().to_string_lossy().into_owned();
-            if crate::check_id(&id).is_err() || !matches!(self.reg.get_sandbox(&id), Ok(None)) {
-                continue;
-            }
+        for id in self.unregistered_sandboxes() {
             tracing::info!(sandbox = %id, "removing an orphaned sandbox (unclaimed pool slot or interrupted create)");
             let engine = self.clone();
             tokio::spawn(async move { engine.discard_slot(&id).await });
