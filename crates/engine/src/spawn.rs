@@ -101,7 +101,7 @@ pub(crate) fn posix_spawn_detached(
     let mut pid: libc::pid_t = 0;
     // SAFETY: every pointer is valid and NUL-terminated (arrays end in null)
     // for the duration of the call.
-    let r = unsafe {
+    check(unsafe {
         libc::posix_spawn(
             &mut pid,
             path.as_ptr(),
@@ -110,10 +110,7 @@ pub(crate) fn posix_spawn_detached(
             argv_p.as_ptr(),
             env_p.as_ptr(),
         )
-    };
-    if r != 0 {
-        return Err(io::Error::from_raw_os_error(r));
-    }
+    })?;
     Ok(pid)
 }
 
@@ -131,10 +128,8 @@ impl FileActions {
     fn new() -> io::Result<FileActions> {
         // SAFETY: init fills the zeroed struct.
         let mut a: libc::posix_spawn_file_actions_t = unsafe { std::mem::zeroed() };
-        match unsafe { libc::posix_spawn_file_actions_init(&mut a) } {
-            0 => Ok(FileActions(a)),
-            e => Err(io::Error::from_raw_os_error(e)),
-        }
+        check(unsafe { libc::posix_spawn_file_actions_init(&mut a) })?;
+        Ok(FileActions(a))
     }
 }
 
@@ -151,10 +146,8 @@ impl SpawnAttr {
     fn new() -> io::Result<SpawnAttr> {
         // SAFETY: init fills the zeroed struct.
         let mut a: libc::posix_spawnattr_t = unsafe { std::mem::zeroed() };
-        match unsafe { libc::posix_spawnattr_init(&mut a) } {
-            0 => Ok(SpawnAttr(a)),
-            e => Err(io::Error::from_raw_os_error(e)),
-        }
+        check(unsafe { libc::posix_spawnattr_init(&mut a) })?;
+        Ok(SpawnAttr(a))
     }
 }
 
