@@ -182,6 +182,13 @@ impl Daemon {
         serde_json::from_slice(&r.body).unwrap()
     }
 
+    /// Starts `body` (an exec request) in sandbox `id` and returns all its stdout.
+    fn exec_stdout(&self, id: &str, body: &str) -> Vec<u8> {
+        let p = self.json("POST", &format!("/v1/sandboxes/{id}/exec"), body);
+        let path = format!("/v1/sandboxes/{id}/processes/{}/stdout", p["process_id"]);
+        self.req("GET", &path, "").body
+    }
+
     fn create(&self, body: &str) -> String {
         self.json("POST", "/v1/sandboxes", body)["sandbox_id"]
             .as_str()
@@ -540,17 +547,10 @@ fn bad_input_gets_4xx_with_stable_codes() {
         );
     }
     // The daemon is still healthy and the sandbox still works.
-    let p = d.json(
-        "POST",
-        &format!("/v1/sandboxes/{id}/exec"),
-        r#"{"cmd":["echo","still here"]}"#,
+    assert_eq!(
+        d.exec_stdout(&id, r#"{"cmd":["echo","still here"]}"#),
+        b"still here\n"
     );
-    let out = d.req(
-        "GET",
-        &format!("/v1/sandboxes/{id}/processes/{}/stdout", p["process_id"]),
-        "",
-    );
-    assert_eq!(out.body, b"still here\n");
 }
 
 #[test]
@@ -693,17 +693,10 @@ fn daemon_sigkill_loses_no_sandbox_exec_or_output() {
     // The sandbox itself is still running and usable.
     let s = d.json("GET", &format!("/v1/sandboxes/{id}"), "");
     assert_eq!(s["state"], "running");
-    let p = d.json(
-        "POST",
-        &format!("/v1/sandboxes/{id}/exec"),
-        r#"{"cmd":["echo","after restart"]}"#,
+    assert_eq!(
+        d.exec_stdout(&id, r#"{"cmd":["echo","after restart"]}"#),
+        b"after restart\n"
     );
-    let out = d.req(
-        "GET",
-        &format!("/v1/sandboxes/{id}/processes/{}/stdout", p["process_id"]),
-        "",
-    );
-    assert_eq!(out.body, b"after restart\n");
 }
 
 #[test]
@@ -892,17 +885,8 @@ fn warm_pool_claims_fresh_sandboxes_and_refills() {
         r#"{"image":"busybox","timeout":60,"env":{"K":"v2"},"workdir":"/w2"}"#,
     );
     let iid = idle["sandbox_id"].as_str().unwrap().to_string();
-    let p = d.json(
-        "POST",
-        &format!("/v1/sandboxes/{iid}/exec"),
-        r#"{"cmd":["sh","-c","echo $K; pwd"]}"#,
-    );
-    let out = d.req(
-        "GET",
-        &format!("/v1/sandboxes/{iid}/processes/{}/stdout", p["process_id"]),
-        "",
-    );
-    assert_eq!(String::from_utf8_lossy(&out.body), "v2\n/w2\n");
+    let out = d.exec_stdout(&iid, r#"{"cmd":["sh","-c","echo $K; pwd"]}"#);
+    assert_eq!(String::from_utf8_lossy(&out), "v2\n/w2\n");
     // The pool refills: two new slots beside the two claimed sandboxes.
     wait_for("the pool to refill", || sandbox_dirs(&d).len() == 4);
     // A claimed sandbox's timeout runs from the claim.
@@ -922,17 +906,10 @@ fn warm_pool_claims_fresh_sandboxes_and_refills() {
         let dirs = sandbox_dirs(&d);
         dirs.len() == 3 && dirs.contains(&id) && dirs.contains(&iid) && dirs.contains(&sid)
     });
-    let p = d.json(
-        "POST",
-        &format!("/v1/sandboxes/{iid}/exec"),
-        r#"{"cmd":["echo","still"]}"#,
+    assert_eq!(
+        d.exec_stdout(&iid, r#"{"cmd":["echo","still"]}"#),
+        b"still\n"
     );
-    let out = d.req(
-        "GET",
-        &format!("/v1/sandboxes/{iid}/processes/{}/stdout", p["process_id"]),
-        "",
-    );
-    assert_eq!(out.body, b"still\n");
 }
 
 #[test]
@@ -1005,15 +982,8 @@ fn sigterm_shuts_the_pool_down_and_leaves_users_sandboxes_running() {
     // The next daemon finds the user's sandbox working.
     d.extra.clear();
     d.spawn();
-    let p = d.json(
-        "POST",
-        &format!("/v1/sandboxes/{user}/exec"),
-        r#"{"cmd":["echo","still here"]}"#,
+    assert_eq!(
+        d.exec_stdout(&user, r#"{"cmd":["echo","still here"]}"#),
+        b"still here\n"
     );
-    let out = d.req(
-        "GET",
-        &format!("/v1/sandboxes/{user}/processes/{}/stdout", p["process_id"]),
-        "",
-    );
-    assert_eq!(out.body, b"still here\n");
 }
