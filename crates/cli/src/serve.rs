@@ -135,6 +135,7 @@ pub fn serve(a: ServeArgs) -> ExitCode {
     if !a.no_host_tuning {
         tune_host();
     }
+    raise_nofile();
     let data_dir = a.data_dir.unwrap_or_else(default_data_dir);
     let opts = gworker_daemon::ServeOptions {
         engine: EngineConfig {
@@ -201,6 +202,30 @@ fn tune_host() {
         Err(e) => tracing::warn!(
             "host tuning: cannot set {RCU_EXPEDITED} to 1 ({e}); sandboxes start slower"
         ),
+    }
+}
+
+/// Raises the open-files limit runsc inherits ([`gworker_runtime::host::raise_nofile`]);
+/// says what to do when it stays too low for sandboxes to start.
+fn raise_nofile() {
+    use gworker_runtime::host::{raise_nofile, NOFILE_NEEDED};
+    match raise_nofile() {
+        Ok(n) if n.after.0 < NOFILE_NEEDED => tracing::warn!(
+            "the open-files limit is {} (hard {}) and cannot be raised: sandboxes may fail \
+             to start (runsc needs more than 256); start `gworker serve` as root or with \
+             `ulimit -n {NOFILE_NEEDED}` or more",
+            n.after.0,
+            n.after.1
+        ),
+        Ok(n) if n.after != n.before => tracing::info!(
+            "open-files limit raised from {} (hard {}) to {} (hard {})",
+            n.before.0,
+            n.before.1,
+            n.after.0,
+            n.after.1
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot read or raise the open-files limit: {e}"),
     }
 }
 

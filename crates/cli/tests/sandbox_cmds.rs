@@ -465,3 +465,46 @@ fn status_shows_the_daemon_and_its_pool() {
     );
     assert_eq!(rows[1], ["busybox", "1", "1", "0"], "{text}");
 }
+
+/// runsc cannot start a sandbox with 256 open files. The daemon raises the
+/// limit when it may (CAP_SYS_RESOURCE); otherwise it says so in its log,
+/// and the sandbox's failure says what to do.
+#[test]
+fn a_low_open_files_limit_is_raised_or_explained() {
+    let Some(d) = common::Daemon::start_under(&["prlimit", "--nofile=256:256"], &[]) else {
+        eprintln!("skipped: runsc is not installed");
+        return;
+    };
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    let cap_sys_resource = 1 << 24;
+    let may_raise = cap_eff & cap_sys_resource != 0;
+    let id = d.create(&[]);
+    let o = d.run(&["exec", &id, "--", "echo", "ok"]);
+    if may_raise {
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        assert_eq!(stdout(&o), "ok\n");
+        assert!(
+            d.log().contains("open-files limit raised from 256"),
+            "{}",
+            d.log()
+        );
+    } else {
+        assert_ne!(o.status.code(), Some(0));
+        let err = stderr(&o);
+        assert!(
+            err.contains("open-files limit is 256") && err.contains("ulimit -n 1024"),
+            "{err}"
+        );
+        assert!(
+            d.log()
+                .contains("the open-files limit is 256 (hard 256) and cannot be raised"),
+            "{}",
+            d.log()
+        );
+    }
+}

@@ -41,9 +41,77 @@ fn tune_at(path: &Path) -> io::Result<Tuned> {
     Ok(Tuned::Set)
 }
 
+/// Open files below which runsc cannot start a sandbox: with a hard limit
+/// of 256 its boot fails ("cannot read client sync file: EOF"); 512 works.
+pub const NOFILE_NEEDED: u64 = 1024;
+/// What the daemon asks for (the kernel's default `fs.nr_open`).
+const NOFILE_WANTED: u64 = 1 << 20;
+
+/// The open-files limit before and after [`raise_nofile`]: (soft, hard).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoFile {
+    pub before: (u64, u64),
+    pub after: (u64, u64),
+}
+
+/// Raises this process's RLIMIT_NOFILE, which supervisors and runsc
+/// inherit: the hard limit up to `fs.nr_open` (capped at 2^20) when the
+/// process may (CAP_SYS_RESOURCE), then the soft limit up to the hard one,
+/// as Go programs such as runsc do for themselves.
+pub fn raise_nofile() -> io::Result<NoFile> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let before = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(NOFILE_WANTED);
+    let want = nr_open.min(NOFILE_WANTED);
+    let (soft, hard) = before;
+    if hard < want && setrlimit(Resource::RLIMIT_NOFILE, want, want).is_ok() {
+        return Ok(NoFile {
+            before,
+            after: (want, want),
+        });
+    }
+    let soft_want = hard.min(want.max(soft));
+    if soft_want != soft {
+        setrlimit(Resource::RLIMIT_NOFILE, soft_want, hard)?;
+    }
+    Ok(NoFile {
+        before,
+        after: getrlimit(Resource::RLIMIT_NOFILE)?,
+    })
+}
+
+/// This process's soft open-files limit when it is below [`NOFILE_NEEDED`].
+pub fn nofile_too_low() -> Option<u64> {
+    let (soft, _) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).ok()?;
+    (soft < NOFILE_NEEDED).then_some(soft)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raises_the_soft_open_files_limit_to_the_hard_one() {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        // Not lower: other tests of this process run meanwhile.
+        let low = hard.min(NOFILE_NEEDED);
+        setrlimit(Resource::RLIMIT_NOFILE, low, hard).unwrap();
+        let n = raise_nofile().unwrap();
+        assert_eq!(n.before, (low, hard));
+        assert!(n.after.1 >= hard, "{n:?}");
+        let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(n.after.0, n.after.1.min(nr_open.min(NOFILE_WANTED)), "{n:?}");
+        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), n.after);
+    }
 
     #[test]
     fn sets_the_switch_once() {

@@ -1019,7 +1019,7 @@ async fn claim(
             ));
         }
         if st.phase != Phase::Running || st.stopping {
-            return Err(not_running());
+            return Err(not_running_in(&st));
         }
         st.claimed = true;
         st.limits = limits;
@@ -1184,7 +1184,15 @@ async fn runsc_waiter(shared: Arc<Shared>, mut child: tokio::process::Child, gen
             let msg = match (&status, st.phase) {
                 (_, Phase::Starting) => match &st.net_error {
                     Some(e) => format!("cannot set up the sandbox's network: {e}"),
-                    None => format!("the sandbox failed to start: {tail}"),
+                    None => match gworker_runtime::host::nofile_too_low() {
+                        Some(n) => format!(
+                            "the sandbox failed to start: {tail} (the daemon's open-files limit \
+                             is {n}; runsc needs more: restart `gworker serve` with \
+                             `ulimit -n {}` or more)",
+                            gworker_runtime::host::NOFILE_NEEDED
+                        ),
+                        None => format!("the sandbox failed to start: {tail}"),
+                    },
                 },
                 (Ok(s), _) => format!("the sandbox stopped unexpectedly ({s}): {tail}"),
                 (Err(e), _) => format!("the sandbox stopped unexpectedly: {e}"),
@@ -1455,6 +1463,21 @@ fn not_running() -> SupError {
     SupError::new("sandbox_not_running", "the sandbox is not running")
 }
 
+/// [`not_running`], with why when the sandbox has ended.
+fn not_running_in(st: &State) -> SupError {
+    match (st.phase, &st.message, &st.reason) {
+        (Phase::Exited, Some(m), _) => SupError::new(
+            "sandbox_not_running",
+            format!("the sandbox is not running: {m}"),
+        ),
+        (Phase::Exited, None, Some(r)) => SupError::new(
+            "sandbox_not_running",
+            format!("the sandbox is not running (it ended: {r})"),
+        ),
+        _ => not_running(),
+    }
+}
+
 /// Waits until `done` holds (true) or `limit` passes (false).
 async fn wait_for(shared: &Arc<Shared>, limit: Duration, done: impl Fn(&State) -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
@@ -1496,7 +1519,7 @@ async fn wait_running(shared: &Arc<Shared>) -> Result<(), SupError> {
             match st.phase {
                 Phase::Running if !st.stopping => return Ok(()),
                 Phase::Starting => {}
-                _ => return Err(not_running()),
+                _ => return Err(not_running_in(&st)),
             }
         }
         notified.await;
@@ -1508,7 +1531,7 @@ async fn spawn(shared: &Arc<Shared>, spec: ProcSpec) -> Result<serde_json::Value
     let (id, rx) = {
         let mut st = shared.lock();
         if st.phase != Phase::Running || st.stopping {
-            return Err(not_running());
+            return Err(not_running_in(&st));
         }
         let id = st.next_id;
         st.next_id += 1;
@@ -1604,7 +1627,7 @@ fn with_running_proc(
         .get(&id)
         .ok_or_else(|| SupError::new("not_found", format!("no process {id} in this sandbox")))?;
     if st.stopping || st.phase != Phase::Running {
-        return Err(not_running());
+        return Err(not_running_in(&st));
     }
     if p.exit_code.is_none() {
         shared.send(msg());
@@ -1758,7 +1781,7 @@ async fn checkpoint(
             ));
         }
         if st.phase != Phase::Running || st.stopping {
-            return Err(not_running());
+            return Err(not_running_in(&st));
         }
         st.checkpointing = true;
         st.quiesced = Some(qtx);

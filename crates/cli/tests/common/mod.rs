@@ -51,6 +51,12 @@ impl Daemon {
 
     /// With more `gworker serve` arguments.
     pub fn start_with(extra: &[&str]) -> Option<Daemon> {
+        Daemon::start_under(&[], extra)
+    }
+
+    /// `gworker serve` run by `wrapper` (a program and its arguments that
+    /// execs the rest, e.g. `prlimit --nofile=256:256`), with more arguments.
+    pub fn start_under(wrapper: &[&str], extra: &[&str]) -> Option<Daemon> {
         if !have_runsc() {
             return None;
         }
@@ -60,7 +66,15 @@ impl Daemon {
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("gw.sock");
         let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-        let child = Command::new(BIN)
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .arg("serve")
             .arg("--data-dir")
             .arg(dir.join("data"))
