@@ -913,6 +913,63 @@ fn warm_pool_claims_fresh_sandboxes_and_refills() {
 }
 
 #[test]
+fn a_create_with_secrets_claims_a_pool_slot_and_the_values_stay_in_memory() {
+    let Some(d) = Daemon::start_with("pool-secrets", &["--pool", "busybox=1"]) else {
+        return;
+    };
+    wait_for("the slot to boot", || pool_ready(&d, "busybox") == 1);
+    let slots = sandbox_dirs(&d);
+    let value = "s3cr3t-4f9a0c1e";
+    d.json(
+        "POST",
+        "/v1/secrets",
+        &format!(r#"{{"name":"api","values":{{"API_KEY":"{value}","SHADOWED":"secret"}}}}"#),
+    );
+    let s = d.json(
+        "POST",
+        "/v1/sandboxes",
+        r#"{"image":"busybox","timeout":60,
+            "cmd":["sh","-c","echo $API_KEY $SHADOWED; while [ ! -e /tmp/go ]; do sleep 0.05; done"],
+            "env":{"SHADOWED":"env"},"secrets":[{"name":"api"},{"values":{"INLINE":"in-line"}}]}"#,
+    );
+    let id = s["sandbox_id"].as_str().unwrap().to_string();
+    assert!(slots.contains(&id), "the sandbox came from the pool");
+    let out = d.exec_stdout(
+        &id,
+        r#"{"cmd":["sh","-c","echo $API_KEY $INLINE; touch /tmp/go"]}"#,
+    );
+    assert_eq!(out, format!("{value} in-line\n").as_bytes());
+    assert_eq!(
+        d.json("GET", &format!("/v1/sandboxes/{id}/wait?timeout=30"), "")["exit_code"],
+        0
+    );
+    let out = d.req("GET", &format!("/v1/sandboxes/{id}/processes/0/stdout"), "");
+    // The sandbox's env wins over its secrets, as in a cold sandbox.
+    assert_eq!(out.body, format!("{value} env\n").as_bytes());
+    // Nothing on disk holds the values: not the registry, not a launch
+    // file, not a log (the secret store keeps them sealed).
+    let mut found = Vec::new();
+    let mut stack = vec![d.dir.clone()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let (path, ty) = (e.path(), e.file_type().unwrap());
+            if ty.is_dir() && !path.ends_with("images") {
+                stack.push(path);
+            } else if ty.is_file() {
+                let data = std::fs::read(&path).unwrap_or_default();
+                if [value, "in-line"]
+                    .iter()
+                    .any(|v| data.windows(v.len()).any(|w| w == v.as_bytes()))
+                {
+                    found.push(path);
+                }
+            }
+        }
+    }
+    assert!(found.is_empty(), "secret values on disk in {found:?}");
+}
+
+#[test]
 fn a_create_on_a_drained_pool_waits_for_a_booting_slot() {
     // The second create waits for the refill's boot, however slow this
     // machine is (3 s otherwise, then it starts cold).

@@ -629,10 +629,7 @@ impl Engine {
         )?;
         let created_at = now();
         // Plain sandboxes come from the warm pool when it has one ready.
-        let slot = if restore.is_none()
-            && mounts.is_empty()
-            && secret_env.is_empty()
-            && network == self.cfg.default_network
+        let slot = if restore.is_none() && mounts.is_empty() && network == self.cfg.default_network
         {
             self.pool.take_or_wait(&image, pool::miss_wait()).await
         } else {
@@ -656,7 +653,7 @@ impl Engine {
             network,
         };
         if let Some(slot) = slot {
-            match self.claim_slot(&slot, &row).await {
+            match self.claim_slot(&slot, &row, secret_env.clone()).await {
                 Ok(view) => return Ok(view),
                 Err(e) => {
                     tracing::warn!(sandbox = %slot, error = %e, "warm pool: claim failed, starting cold");
@@ -738,9 +735,14 @@ impl Engine {
         Ok(l)
     }
 
-    /// Gives a warm-pool sandbox the request's entry command and deadline,
-    /// then registers it under the slot's ID.
-    async fn claim_slot(&self, slot: &str, row: &SandboxRow) -> Result<api::Sandbox> {
+    /// Gives a warm-pool sandbox the request's entry command, deadline, limits and
+    /// secrets, then registers it under the slot's ID.
+    async fn claim_slot(
+        &self,
+        slot: &str,
+        row: &SandboxRow,
+        secret_env: Vec<(String, String)>,
+    ) -> Result<api::Sandbox> {
         let image_env = self
             .images
             .ready(&row.image)
@@ -750,7 +752,7 @@ impl Engine {
             .unwrap_or_default();
         let entry = entry_spec(row, &image_env);
         let sup = SupClient::new(self.sock_path(slot));
-        sup.claim(entry, row.deadline, row.limits.clone())
+        sup.claim(entry, row.deadline, row.limits.clone(), secret_env)
             .await
             .map_err(from_client)?;
         let row = SandboxRow {

@@ -109,7 +109,11 @@ mod tests {
             .trim()
             .parse()
             .unwrap();
-        assert_eq!(n.after.0, n.after.1.min(nr_open.min(NOFILE_WANTED)), "{n:?}");
+        assert_eq!(
+            n.after.0,
+            n.after.1.min(nr_open.min(NOFILE_WANTED)),
+            "{n:?}"
+        );
         assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), n.after);
     }
 

@@ -235,11 +235,13 @@ impl SupClient {
         entry: Option<ProcSpec>,
         deadline: f64,
         limits: gworker_runtime::Limits,
+        secrets: Vec<(String, String)>,
     ) -> Result<(), ClientError> {
         self.call(&Request::Claim {
             entry,
             deadline,
             limits,
+            secrets: crate::wire::SecretEnv(secrets),
         })
         .await
         .map(|_| ())

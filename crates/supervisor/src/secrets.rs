@@ -32,6 +32,12 @@ pub fn load(fd: i32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Sets the secrets of a warm-pool sandbox at its claim (it booted without
+/// any). False if it has secrets already.
+pub fn set(list: Vec<(String, String)>) -> bool {
+    SECRETS.set(list).is_ok()
+}
+
 /// `spec.env` with the secrets applied, as `KEY=VALUE` byte strings.
 pub fn env_for(spec: &ProcSpec) -> Vec<Vec<u8>> {
     apply(SECRETS.get().map(|v| v.as_slice()).unwrap_or(&[]), spec)

@@ -994,6 +994,7 @@ async fn claim(
     entry: Option<ProcSpec>,
     deadline: f64,
     limits: gworker_runtime::Limits,
+    secrets: crate::wire::SecretEnv,
 ) -> Result<serde_json::Value, SupError> {
     wait_running(shared).await?;
     shared
@@ -1020,6 +1021,12 @@ async fn claim(
         }
         if st.phase != Phase::Running || st.stopping {
             return Err(not_running_in(&st));
+        }
+        if !secrets.is_empty() && !crate::secrets::set(secrets.0) {
+            return Err(SupError::new(
+                "conflict",
+                "this sandbox has its secrets already",
+            ));
         }
         st.claimed = true;
         st.limits = limits;
@@ -1431,7 +1438,8 @@ async fn handle_request(
             entry,
             deadline,
             limits,
-        } => claim(shared, entry, deadline, limits).await,
+            secrets,
+        } => claim(shared, entry, deadline, limits, secrets).await,
         Request::Kill { reason } => {
             kill_sandbox(shared, &reason);
             Ok(serde_json::Value::Null)
@@ -1472,7 +1480,7 @@ fn not_running_in(st: &State) -> SupError {
         ),
         (Phase::Exited, None, Some(r)) => SupError::new(
             "sandbox_not_running",
-            format!("the sandbox is not running (it ended: {r})"),
+            format!("the sandbox is not running ({r})"),
         ),
         _ => not_running(),
     }

@@ -154,6 +154,10 @@ pub enum Request {
         entry: Option<ProcSpec>,
         deadline: f64,
         limits: gworker_runtime::Limits,
+        /// The sandbox's secret environment (see `crate::secrets`): a slot
+        /// booted without any, so the claim brings them.
+        #[serde(default, skip_serializing_if = "SecretEnv::is_empty")]
+        secrets: SecretEnv,
     },
     /// Writes a memory checkpoint to `image_path`; the sandbox goes on running.
     Checkpoint {
@@ -214,4 +218,24 @@ impl SupError {
 pub enum Answer {
     Ok(serde_json::Value),
     Err(SupError),
+}
+
+/// Secret environment variables in a request. Its `Debug` names the
+/// variables only, so that no log line or panic message can hold a value.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(transparent)]
+pub struct SecretEnv(pub Vec<(String, String)>);
+
+impl SecretEnv {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for SecretEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(k, _)| format!("{k}=<redacted>")))
+            .finish()
+    }
 }
