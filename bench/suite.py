@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -565,6 +566,19 @@ HELD = []  # sandboxes whose terminate waits until a burst has all answered
 HOLDING = threading.Event()
 
 
+def exit0_elf():
+    """A 129-byte static x86-64 program that only calls exit_group(0): the
+    least a process can cost, so that its exec round trip is the service's
+    own (HTTP, daemon, supervisor, agent, gVisor's clone/execve/exit)."""
+    code = bytes.fromhex("b8e7000000" "31ff" "0f05")  # mov eax, 231; xor edi, edi; syscall
+    base, hdr = 0x400000, 64 + 56
+    size = hdr + len(code)
+    ehdr = b"\x7fELF\x02\x01\x01" + b"\0" * 9 + struct.pack(
+        "<HHIQQQIHHHHHH", 2, 0x3E, 1, base + hdr, 64, 0, 0, 64, 56, 1, 64, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, size, size, 0x1000)
+    return ehdr + phdr + code
+
+
 def first_line_ms(cmd, expect):
     """Starts cmd, returns ms until its first stdout line (which must be
     `expect`), then lets it finish (killed if it has not within 60 s)."""
@@ -869,14 +883,31 @@ class Suite:
             assert code == 0, code
             return dt
 
+        up = client_sb.exec(["sh", "-c", "cat > /tmp/exit0 && chmod +x /tmp/exit0"])
+        up.stdin.write(exit0_elf())
+        up.stdin.write_eof()
+        assert up.wait() == 0
+
+        def http_exec_exit0():
+            t = now()
+            p = api.call("POST", f"/v1/sandboxes/{sid}/exec", {"cmd": ["/tmp/exit0"]})
+            r = api.call("GET", f"/v1/sandboxes/{sid}/processes/{p['process_id']}/wait?timeout=30")
+            dt = (now() - t) * 1000
+            assert r["exit_code"] == 0, r
+            return dt
+
         for _ in range(20):
             http_exec()
             client_exec()
-        log(f"f3 exec round trip: {runs} runs (raw HTTP and Python client), {raw_runs} runsc exec")
-        gw_http, gw_client = Samples(), Samples()
-        for _ in range(runs):
+            http_exec_exit0()
+        log(f"f3 exec round trip: {runs} runs (raw HTTP and Python client; {runs // 2} of a minimal program), "
+            f"{raw_runs} runsc exec")
+        gw_http, gw_client, gw_exit0 = Samples(), Samples(), Samples()
+        for i in range(runs):
             gw_http.run(http_exec)
             gw_client.run(client_exec)
+            if i % 2 == 0:
+                gw_exit0.run(http_exec_exit0)
         raw = Samples()
         cid, p = self.raw.start_idle(self.rootfs("busybox"))
 
@@ -909,6 +940,8 @@ class Suite:
             st = summ(s.ok)
             self.row("f3", f"exec `true` round trip, {label}", s, raw=raw, peers=peers,
                      target="p50 <= 3 ms", met=bool(st and st["p50"] <= 3 and s.fail == 0))
+        self.row("f3", "exec of a minimal static program (exit only), raw HTTP", gw_exit0,
+                 note="the service's own round trip; the rest of `true`'s is busybox's start-up inside gVisor")
 
     def f4(self):
         snaps = self.n(5, 2)
