@@ -155,13 +155,26 @@ impl Pool {
     }
 
     fn total(&self) -> usize {
-        self.ready
-            .lock()
-            .unwrap()
-            .values()
-            .map(|q| q.len())
-            .sum::<usize>()
-            + self.starting.lock().unwrap().values().sum::<usize>()
+        // Starting first: see [`Pool::counts`].
+        let starting = self.starting.lock().unwrap().values().sum::<usize>();
+        starting
+            + self
+                .ready
+                .lock()
+                .unwrap()
+                .values()
+                .map(|q| q.len())
+                .sum::<usize>()
+    }
+
+    /// `(ready, starting)` slots of `image`. A booted slot joins `ready`
+    /// before it leaves `starting`, so reading `starting` first may count it
+    /// twice but never misses it: read the other way round, a slot that
+    /// moved in between was in neither count, and the pool booted one slot
+    /// too many (seen: 101 of 100).
+    fn counts(&self, image: &str) -> (usize, usize) {
+        let starting = count(&self.starting, image);
+        (self.ready_count(image), starting)
     }
 
     /// Takes a ready slot's sandbox ID for `image` (a built-in's name or a
@@ -258,11 +271,14 @@ impl Engine {
         let cfg = &self.pool.cfg.sizes;
         cfg.iter()
             .filter(|(_, n)| **n > 0)
-            .map(|(image, size)| api::PoolImage {
-                image: image.clone(),
-                size: *size,
-                ready: self.pool.ready_count(image),
-                booting: count(&self.pool.starting, image),
+            .map(|(image, size)| {
+                let (ready, booting) = self.pool.counts(image);
+                api::PoolImage {
+                    image: image.clone(),
+                    size: *size,
+                    ready,
+                    booting,
+                }
             })
             .collect()
     }
@@ -289,8 +305,7 @@ impl Engine {
         }
         let budget_slots = (self.pool.cfg.memory_budget_mb / SLOT_COST_MB) as usize;
         for (image, want) in &self.pool.cfg.sizes {
-            let ready = self.pool.ready_count(image);
-            let starting = count(&self.pool.starting, image);
+            let (ready, starting) = self.pool.counts(image);
             if self.pool.total() >= budget_slots
                 || !refill_now(
                     *want,
@@ -490,6 +505,35 @@ mod tests {
             }
         }
         pool
+    }
+
+    #[test]
+    fn a_booted_slot_is_always_counted_while_it_moves_from_starting_to_ready() {
+        const SLOTS: usize = 20_000;
+        let pool = std::sync::Arc::new(Pool::new(PoolConfig::default()));
+        pool.starting.lock().unwrap().insert("busybox".into(), SLOTS);
+        let mover = {
+            let pool = pool.clone();
+            std::thread::spawn(move || {
+                // As boot_slot and its task do: into ready, then out of starting.
+                for i in 0..SLOTS {
+                    pool.ready
+                        .lock()
+                        .unwrap()
+                        .entry("busybox".into())
+                        .or_default()
+                        .push_back((format!("sb-{i}"), "busybox".into()));
+                    *pool.starting.lock().unwrap().get_mut("busybox").unwrap() -= 1;
+                }
+            })
+        };
+        while !mover.is_finished() {
+            let (ready, starting) = pool.counts("busybox");
+            assert!(ready + starting >= SLOTS, "{ready} ready + {starting} starting");
+            assert!(pool.total() >= SLOTS);
+        }
+        mover.join().unwrap();
+        assert_eq!(pool.counts("busybox"), (SLOTS, 0));
     }
 
     #[test]
