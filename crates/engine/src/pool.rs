@@ -511,7 +511,10 @@ mod tests {
     fn a_booted_slot_is_always_counted_while_it_moves_from_starting_to_ready() {
         const SLOTS: usize = 20_000;
         let pool = std::sync::Arc::new(Pool::new(PoolConfig::default()));
-        pool.starting.lock().unwrap().insert("busybox".into(), SLOTS);
+        pool.starting
+            .lock()
+            .unwrap()
+            .insert("busybox".into(), SLOTS);
         let mover = {
             let pool = pool.clone();
             std::thread::spawn(move || {
@@ -529,7 +532,10 @@ mod tests {
         };
         while !mover.is_finished() {
             let (ready, starting) = pool.counts("busybox");
-            assert!(ready + starting >= SLOTS, "{ready} ready + {starting} starting");
+            assert!(
+                ready + starting >= SLOTS,
+                "{ready} ready + {starting} starting"
+            );
             assert!(pool.total() >= SLOTS);
         }
         mover.join().unwrap();
