@@ -866,9 +866,9 @@ class Suite:
         sb = api.call("POST", "/v1/sandboxes", {"image": "busybox", "timeout": 3600})
         sid = sb["sandbox_id"]
 
-        def http_exec():
+        def http_exec(cmd=("true",)):
             t = now()
-            p = api.call("POST", f"/v1/sandboxes/{sid}/exec", {"cmd": ["true"]})
+            p = api.call("POST", f"/v1/sandboxes/{sid}/exec", {"cmd": list(cmd)})
             r = api.call("GET", f"/v1/sandboxes/{sid}/processes/{p['process_id']}/wait?timeout=30")
             dt = (now() - t) * 1000
             assert r["exit_code"] == 0, r
@@ -888,18 +888,12 @@ class Suite:
         up.stdin.write_eof()
         assert up.wait() == 0
 
-        def http_exec_exit0():
-            t = now()
-            p = api.call("POST", f"/v1/sandboxes/{sid}/exec", {"cmd": ["/tmp/exit0"]})
-            r = api.call("GET", f"/v1/sandboxes/{sid}/processes/{p['process_id']}/wait?timeout=30")
-            dt = (now() - t) * 1000
-            assert r["exit_code"] == 0, r
-            return dt
+        exit0 = ("/tmp/exit0",)
 
         for _ in range(20):
             http_exec()
             client_exec()
-            http_exec_exit0()
+            http_exec(exit0)
         log(f"f3 exec round trip: {runs} runs (raw HTTP and Python client; {runs // 2} of a minimal program), "
             f"{raw_runs} runsc exec")
         gw_http, gw_client, gw_exit0 = Samples(), Samples(), Samples()
@@ -907,7 +901,7 @@ class Suite:
             gw_http.run(http_exec)
             gw_client.run(client_exec)
             if i % 2 == 0:
-                gw_exit0.run(http_exec_exit0)
+                gw_exit0.run(http_exec, exit0)
         raw = Samples()
         cid, p = self.raw.start_idle(self.rootfs("busybox"))
 

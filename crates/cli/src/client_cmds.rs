@@ -304,7 +304,6 @@ async fn snapshot(a: InfoArgs) -> CmdResult {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs `gworker snapshot ...`.
 /// `gworker status`'s arguments.
 #[derive(Args, Debug)]
 pub struct StatusArgs {
@@ -351,6 +350,7 @@ pub fn run_status(a: StatusArgs) -> ExitCode {
     })
 }
 
+/// Runs `gworker snapshot ...`.
 pub fn run_snapshot(cmd: SnapshotCmd) -> ExitCode {
     block_on(async move {
         match cmd {

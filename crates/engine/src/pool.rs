@@ -156,7 +156,7 @@ impl Pool {
 
     fn total(&self) -> usize {
         // Starting first: see [`Pool::counts`].
-        let starting = self.starting.lock().unwrap().values().sum::<usize>();
+        let starting = self.starting_total();
         starting
             + self
                 .ready
@@ -165,6 +165,11 @@ impl Pool {
                 .values()
                 .map(|q| q.len())
                 .sum::<usize>()
+    }
+
+    /// Slots booting, of every image.
+    fn starting_total(&self) -> usize {
+        self.starting.lock().unwrap().values().sum()
     }
 
     /// `(ready, starting)` slots of `image`. A booted slot joins `ready`
@@ -450,9 +455,7 @@ impl Engine {
         // A slot still booting is let finish, then shut down: its directory
         // may not exist yet when this starts.
         let deadline = tokio::time::Instant::now() + limit;
-        while self.pool.starting.lock().unwrap().values().sum::<usize>() > 0
-            && tokio::time::Instant::now() < deadline
-        {
+        while self.pool.starting_total() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let mut stops = tokio::task::JoinSet::new();
