@@ -299,6 +299,10 @@ fn run_in_sandbox(
             if net.is_some() { "sandbox" } else { "none" }
         ),
         "--overlay2=none".into(),
+        // No cgroups of runsc's own: it would make `/gwb-…` at the root of
+        // every hierarchy and leave them behind when it is cut short
+        // (`remove_stale_build_cgroups`). A step has no limits to put there.
+        "--ignore-cgroups".into(),
         "run".into(),
         "--bundle".into(),
         bundle.display().to_string(),
@@ -396,8 +400,10 @@ impl Drop for Unmount {
     }
 }
 
-/// Deletes build sandboxes a crashed daemon left in runsc's state.
+/// Deletes build sandboxes a crashed daemon left in runsc's state, and
+/// stale build cgroups.
 pub(crate) fn cleanup_build_sandboxes(store: &ImageStore, runsc: &Path) {
+    remove_stale_build_cgroups(Path::new(CGROUP_ROOT));
     let state = store.runsc_state_dir();
     if !state.is_dir() {
         return;
@@ -418,4 +424,96 @@ pub(crate) fn cleanup_build_sandboxes(store: &ImageStore, runsc: &Path) {
         let _ = gworker_runtime::Runsc::new(runsc, &state).delete_force(id);
     }
     crate::buildnet::cleanup_stale(&store.net_state_dir());
+}
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// Removes the empty `gwb-KEY-PID-N` cgroups that runsc made for build steps
+/// before steps ran with `--ignore-cgroups`, and left behind when it was cut
+/// short: at the root of the cgroup v2 tree or of each v1 hierarchy under
+/// `root`. One whose daemon (PID) still lives is left alone, and a cgroup
+/// with tasks cannot be removed (`rmdir` refuses).
+pub(crate) fn remove_stale_build_cgroups(root: &Path) {
+    let mut dirs = vec![root.to_path_buf()];
+    if let Ok(entries) = fs::read_dir(root) {
+        dirs.extend(entries.flatten().map(|e| e.path()));
+    }
+    for dir in dirs {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(pid) = build_cgroup_owner(&name.to_string_lossy()) else {
+                continue;
+            };
+            if Path::new(&format!("/proc/{pid}")).exists() || !e.path().is_dir() {
+                continue;
+            }
+            match fs::remove_dir(e.path()) {
+                Ok(()) => {
+                    tracing::info!(cgroup = %e.path().display(), "removed a build step's stale cgroup")
+                }
+                Err(err) => {
+                    tracing::debug!(cgroup = %e.path().display(), error = %err, "cannot remove a build step's stale cgroup")
+                }
+            }
+        }
+    }
+}
+
+/// The daemon pid in a build sandbox's ID (`gwb-KEY12-PID-N`), if `name` is one.
+fn build_cgroup_owner(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(BUILD_ID_PREFIX)?;
+    let mut parts = rest.split('-');
+    let (key, pid, n) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some()
+        || key.len() != 12
+        || !key.bytes().all(|b| b.is_ascii_hexdigit())
+        || n.parse::<u64>().is_err()
+    {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_cgroup_names_are_recognised() {
+        assert_eq!(build_cgroup_owner("gwb-1a0044fbdf95-4611-1"), Some(4611));
+        assert_eq!(build_cgroup_owner("gwb-1a0044fbdf95-4611-1-x"), None);
+        assert_eq!(build_cgroup_owner("gwb-1a0044fbdf9-4611-1"), None);
+        assert_eq!(build_cgroup_owner("gwb-1a0044fbdf95-x-1"), None);
+        assert_eq!(build_cgroup_owner("gworker"), None);
+        assert_eq!(build_cgroup_owner("sb-1a0044fbdf95-4611-1"), None);
+    }
+
+    #[test]
+    fn stale_build_cgroups_go_and_others_stay() {
+        let root = std::env::temp_dir().join(format!("gw-cgtest-{}", std::process::id()));
+        let v1 = root.join("pids");
+        let live = format!("gwb-00000000000a-{}-1", std::process::id());
+        // Pids are below pid_max (at most 2^22): this one never runs.
+        let dead = "gwb-00000000000a-99999999-1";
+        for d in [
+            v1.join(&live),
+            v1.join(dead),
+            root.join(dead),
+            v1.join("gworker"),
+        ] {
+            fs::create_dir_all(d).unwrap();
+        }
+        fs::create_dir_all(v1.join("gwb-00000000000b-99999999-2/child")).unwrap();
+        remove_stale_build_cgroups(&root);
+        assert!(!v1.join(dead).exists());
+        assert!(!root.join(dead).exists());
+        assert!(v1.join(&live).exists(), "its daemon still runs");
+        assert!(v1.join("gworker").exists());
+        // Not empty (on a cgroup fs: has tasks): rmdir refuses.
+        assert!(v1.join("gwb-00000000000b-99999999-2").exists());
+        fs::remove_dir_all(&root).unwrap();
+    }
 }
