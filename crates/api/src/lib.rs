@@ -306,7 +306,11 @@ pub struct Health {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
 pub struct PoolImage {
     pub image: String,
-    /// Slots the pool keeps (`--pool IMAGE=N`).
+    /// The network of its slots: `default` (the daemon's default network,
+    /// `--pool IMAGE=N`) or `blocked` (none, for `block_network` creates,
+    /// `--pool-blocked IMAGE=N`).
+    pub network: String,
+    /// Slots the pool keeps.
     pub size: usize,
     /// Booted slots a create can claim now.
     pub ready: usize,

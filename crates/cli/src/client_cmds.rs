@@ -330,21 +330,25 @@ pub fn run_status(a: StatusArgs) -> ExitCode {
             h.version
         );
         if h.pool.is_empty() {
-            println!("warm pool: none (`gworker serve --pool IMAGE=N` keeps N sandboxes booted)");
+            println!(
+                "warm pool: none (`gworker serve --pool IMAGE=N` keeps N sandboxes booted; \
+                 --pool-blocked IMAGE=N, N without a network)"
+            );
         } else {
-            let rows: Vec<[String; 4]> = h
+            let rows: Vec<[String; 5]> = h
                 .pool
                 .iter()
                 .map(|p| {
                     [
                         p.image.clone(),
+                        p.network.clone(),
                         p.size.to_string(),
                         p.ready.to_string(),
                         p.booting.to_string(),
                     ]
                 })
                 .collect();
-            print_table(["POOL IMAGE", "SIZE", "READY", "BOOTING"], &rows);
+            print_table(["POOL IMAGE", "NETWORK", "SIZE", "READY", "BOOTING"], &rows);
         }
         Ok(ExitCode::SUCCESS)
     })

@@ -32,6 +32,10 @@ pub struct ServeArgs {
     /// is a built-in, a tag or an image ID, as `create` names it.
     #[arg(long, value_name = "IMAGE=N", value_parser = parse_pool)]
     pool: Vec<(String, usize)>,
+    /// Like --pool, but the sandboxes have no network (loopback only): they
+    /// serve creates with `block_network=True`, which --pool's do not.
+    #[arg(long, value_name = "IMAGE=N", value_parser = parse_pool)]
+    pool_blocked: Vec<(String, usize)>,
     /// Most host memory (MiB) the warm pool may hold (~50 MiB a sandbox).
     #[arg(long, default_value_t = 2048)]
     pool_memory_mb: u64,
@@ -72,6 +76,25 @@ pub struct ServeArgs {
     /// faster (runsc waits out many RCU grace periods while it starts).
     #[arg(long)]
     no_host_tuning: bool,
+}
+
+/// Both kinds of pool by image and network (a repeated image adds up).
+fn pool_sizes(
+    default: Vec<(String, usize)>,
+    blocked: Vec<(String, usize)>,
+) -> std::collections::BTreeMap<gworker_engine::pool::PoolKey, usize> {
+    use gworker_engine::pool::{PoolKey, PoolNetwork};
+    let mut sizes = std::collections::BTreeMap::new();
+    let kinds = [
+        (default, PoolNetwork::Default),
+        (blocked, PoolNetwork::Blocked),
+    ];
+    for (list, network) in kinds {
+        for (image, n) in list {
+            *sizes.entry(PoolKey::new(&image, network)).or_default() += n;
+        }
+    }
+    sizes
 }
 
 fn parse_pool(s: &str) -> Result<(String, usize), String> {
@@ -149,7 +172,7 @@ pub fn serve(a: ServeArgs) -> ExitCode {
             supervisor_exe: std::env::current_exe().unwrap_or_else(|_| "gworker".into()),
             retention: Duration::from_secs(a.retention),
             pool: gworker_engine::pool::PoolConfig {
-                sizes: a.pool.into_iter().collect(),
+                sizes: pool_sizes(a.pool, a.pool_blocked),
                 memory_budget_mb: a.pool_memory_mb,
             },
             default_limits: gworker_runtime::Limits {

@@ -429,21 +429,26 @@ fn status_shows_the_daemon_and_its_pool() {
     assert!(text.contains("warm pool: none"), "{text}");
     drop(d);
 
-    let Some(d) = common::Daemon::start_with(&["--pool", "busybox=1"]) else {
+    let Some(d) =
+        common::Daemon::start_with(&["--pool", "busybox=1", "--pool-blocked", "busybox=1"])
+    else {
         return;
     };
     let start = Instant::now();
     loop {
         let v: serde_json::Value = serde_json::from_str(&status(&d, true)).unwrap();
         assert_eq!(v["status"], "ok");
-        let pool = &v["pool"][0];
-        assert_eq!(
-            (&pool["image"], &pool["size"]),
-            (&"busybox".into(), &1.into()),
-            "{v}"
-        );
-        if pool["ready"] == 1 {
-            assert_eq!(pool["booting"], 0, "{v}");
+        let pools = v["pool"].as_array().unwrap();
+        assert_eq!(pools.len(), 2, "{v}");
+        for (pool, network) in pools.iter().zip(["default", "blocked"]) {
+            assert_eq!(
+                (&pool["image"], &pool["network"], &pool["size"]),
+                (&"busybox".into(), &network.into(), &1.into()),
+                "{v}"
+            );
+        }
+        if pools.iter().all(|p| p["ready"] == 1) {
+            assert!(pools.iter().all(|p| p["booting"] == 0), "{v}");
             break;
         }
         assert!(
@@ -460,10 +465,11 @@ fn status_shows_the_daemon_and_its_pool() {
         .collect();
     assert_eq!(
         rows[0],
-        ["POOL", "IMAGE", "SIZE", "READY", "BOOTING"],
+        ["POOL", "IMAGE", "NETWORK", "SIZE", "READY", "BOOTING"],
         "{text}"
     );
-    assert_eq!(rows[1], ["busybox", "1", "1", "0"], "{text}");
+    assert_eq!(rows[1], ["busybox", "default", "1", "1", "0"], "{text}");
+    assert_eq!(rows[2], ["busybox", "blocked", "1", "1", "0"], "{text}");
 }
 
 /// runsc cannot start a sandbox with 256 open files. The daemon raises the

@@ -849,7 +849,7 @@ fn warm_pool_claims_fresh_sandboxes_and_refills() {
     let health = d.json("GET", "/v1/health", "");
     assert_eq!(
         health["pool"],
-        serde_json::json!([{"image": "busybox", "size": 2, "ready": 2, "booting": 0}])
+        serde_json::json!([{"image": "busybox", "network": "default", "size": 2, "ready": 2, "booting": 0}])
     );
     let shares = |id: &str| {
         std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/gworker/{id}/cpu.shares"))
@@ -967,6 +967,69 @@ fn a_create_with_secrets_claims_a_pool_slot_and_the_values_stay_in_memory() {
         }
     }
     assert!(found.is_empty(), "secret values on disk in {found:?}");
+}
+
+#[test]
+fn block_network_creates_claim_slots_of_a_blocked_pool_only() {
+    let Some(d) = Daemon::start_with(
+        "pool-blocked",
+        &["--pool", "busybox=1", "--pool-blocked", "busybox=1"],
+    ) else {
+        return;
+    };
+    let ready = |network: &str| {
+        let h = d.json("GET", "/v1/health", "");
+        h["pool"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["image"] == "busybox" && p["network"] == network)
+            .map_or(0, |p| p["ready"].as_u64().unwrap())
+    };
+    wait_for("both slots to boot", || {
+        ready("default") == 1 && ready("blocked") == 1
+    });
+    let slots = sandbox_dirs(&d);
+    let interfaces = |id: &str| {
+        let out = d.exec_stdout(id, r#"{"cmd":["cat","/proc/net/dev"]}"#);
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let mut names: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, _)| n.trim().to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    let blocked = d.json(
+        "POST",
+        "/v1/sandboxes",
+        r#"{"image":"busybox","timeout":60,"block_network":true}"#,
+    );
+    let bid = blocked["sandbox_id"].as_str().unwrap().to_string();
+    assert!(
+        slots.contains(&bid),
+        "the blocked create came from the pool"
+    );
+    assert_eq!(blocked["state"], "running");
+    assert_eq!(interfaces(&bid), ["lo"], "no network but loopback");
+    assert_eq!(
+        d.json("GET", &format!("/v1/sandboxes/{bid}"), "")["network"],
+        "blocked"
+    );
+    assert_eq!(ready("default"), 1, "the default slot is left alone");
+    // A default create takes the default slot, with its network.
+    let open = d.json(
+        "POST",
+        "/v1/sandboxes",
+        r#"{"image":"busybox","timeout":60}"#,
+    );
+    let oid = open["sandbox_id"].as_str().unwrap().to_string();
+    assert!(
+        slots.contains(&oid),
+        "the default create came from the pool"
+    );
+    assert_eq!(interfaces(&oid), ["eth0", "lo"]);
 }
 
 #[test]

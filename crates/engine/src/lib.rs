@@ -341,7 +341,17 @@ impl Engine {
                 gworker_images::RECIPE_VERSION
             );
         }
-        let cfg_pool = cfg.pool.clone();
+        let mut cfg_pool = cfg.pool.clone();
+        if cfg.default_network == NetPolicy::Blocked {
+            // Every create without a network asks for a blocked slot: the
+            // default pools are blocked ones.
+            let mut merged = std::collections::BTreeMap::new();
+            for (key, n) in std::mem::take(&mut cfg_pool.sizes) {
+                let key = pool::PoolKey::new(&key.image, pool::PoolNetwork::Blocked);
+                *merged.entry(key).or_default() += n;
+            }
+            cfg_pool.sizes = merged;
+        }
         let engine = Arc::new(Engine {
             cfg,
             reg,
@@ -628,12 +638,18 @@ impl Engine {
             snap.as_ref().map(|s| s.requires.networked),
         )?;
         let created_at = now();
-        // Plain sandboxes come from the warm pool when it has one ready.
-        let slot = if restore.is_none() && mounts.is_empty() && network == self.cfg.default_network
-        {
-            self.pool.take_or_wait(&image, pool::miss_wait()).await
+        // Plain sandboxes come from the warm pool when it has one ready with
+        // their network: the default one, or none.
+        let pool_network = if network == NetPolicy::Blocked {
+            Some(pool::PoolNetwork::Blocked)
         } else {
-            None
+            (network == self.cfg.default_network).then_some(pool::PoolNetwork::Default)
+        };
+        let slot = match pool_network {
+            Some(net) if restore.is_none() && mounts.is_empty() => {
+                self.pool.take_or_wait(&image, net, pool::miss_wait()).await
+            }
+            _ => None,
         };
         let row = SandboxRow {
             id: new_id(),

@@ -9,8 +9,10 @@
 //! - Slots are not in the registry until claimed; after a daemon restart,
 //!   unclaimed slots (sandbox directories the registry does not know) are
 //!   shut down and removed, and the pool is filled anew.
-//! - Only sandboxes without volumes, secrets or a snapshot come from the pool;
-//!   the others start cold.
+//! - Only sandboxes without volumes or a snapshot come from the pool, and only
+//!   with a network their slot has: the daemon's default one (`--pool`) or
+//!   none at all (`--pool-blocked`, for `block_network` creates); the others
+//!   start cold. Secrets are applied at claim.
 //! - A pool is configured by the name `create` is given (a built-in, a tag
 //!   or an image ID); a slot belongs to the image that name resolved to when
 //!   it booted, and only a create of that image claims it (a create resolves
@@ -31,10 +33,46 @@ use crate::{new_id, spawn_supervisor, Engine};
 /// Approximate host memory of one idle sandbox (sentry + gofer + supervisor).
 pub const SLOT_COST_MB: u64 = 50;
 
+/// The network a pool's slots boot with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PoolNetwork {
+    /// The daemon's default network (`--pool`).
+    #[default]
+    Default,
+    /// None, loopback only (`--pool-blocked`): for `block_network` creates.
+    Blocked,
+}
+
+impl PoolNetwork {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolNetwork::Default => "default",
+            PoolNetwork::Blocked => "blocked",
+        }
+    }
+}
+
+/// One pool: an image (as configured, or as resolved for booting slots) and
+/// the network of its slots.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PoolKey {
+    pub image: String,
+    pub network: PoolNetwork,
+}
+
+impl PoolKey {
+    pub fn new(image: &str, network: PoolNetwork) -> PoolKey {
+        PoolKey {
+            image: image.to_string(),
+            network,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct PoolConfig {
-    /// Warm sandboxes to keep per image.
-    pub sizes: BTreeMap<String, usize>,
+    /// Warm sandboxes to keep per image and network.
+    pub sizes: BTreeMap<PoolKey, usize>,
     /// Most memory the pool may hold, in MiB.
     pub memory_budget_mb: u64,
 }
@@ -42,15 +80,16 @@ pub struct PoolConfig {
 #[derive(Default)]
 pub(crate) struct Pool {
     pub(crate) cfg: PoolConfig,
-    /// Per configured name: (slot's sandbox ID, the image it runs).
-    ready: Mutex<HashMap<String, VecDeque<(String, String)>>>,
-    starting: Mutex<HashMap<String, usize>>,
+    /// Per configured pool: (slot's sandbox ID, the image it runs).
+    ready: Mutex<HashMap<PoolKey, VecDeque<(String, String)>>>,
+    starting: Mutex<HashMap<PoolKey, usize>>,
     /// When a slot was last claimed (see [`REFILL_QUIET`]).
     last_claim: Mutex<Option<std::time::Instant>>,
     /// When an exec, wait or output read last came (see [`Pool::burst`]).
     last_activity: Mutex<Option<std::time::Instant>>,
-    /// Slots booting per resolved image (a built-in's name or an image ID).
-    booting: Mutex<HashMap<String, usize>>,
+    /// Slots booting per resolved image (a built-in's name or an image ID)
+    /// and network.
+    booting: Mutex<HashMap<PoolKey, usize>>,
     /// Notified whenever a slot becomes ready.
     became_ready: tokio::sync::Notify,
     /// Creates waiting for a slot (see [`Pool::take_or_wait`]).
@@ -67,31 +106,23 @@ pub fn miss_wait() -> Duration {
     gworker_runtime::env_secs("GWORKER_POOL_MISS_WAIT_SECS", 3)
 }
 
-/// Counts a slot as booting for its image while alive.
+/// Counts a slot as booting for its image and network while alive.
 struct Booting<'a> {
     pool: &'a Pool,
-    image: String,
+    key: PoolKey,
 }
 
 impl<'a> Booting<'a> {
-    fn new(pool: &'a Pool, image: &str) -> Self {
-        *pool
-            .booting
-            .lock()
-            .unwrap()
-            .entry(image.to_string())
-            .or_default() += 1;
-        Booting {
-            pool,
-            image: image.to_string(),
-        }
+    fn new(pool: &'a Pool, key: PoolKey) -> Self {
+        *pool.booting.lock().unwrap().entry(key.clone()).or_default() += 1;
+        Booting { pool, key }
     }
 }
 
 impl Drop for Booting<'_> {
     fn drop(&mut self) {
         let mut b = self.pool.booting.lock().unwrap();
-        if let Some(n) = b.get_mut(&self.image) {
+        if let Some(n) = b.get_mut(&self.key) {
             *n = n.saturating_sub(1);
         }
         drop(b);
@@ -117,7 +148,7 @@ pub const BURST_TAIL: Duration = Duration::from_secs(2);
 pub const BURST_BOOTS: usize = 2;
 
 /// The count under `key` (0 if none).
-fn count(counts: &Mutex<HashMap<String, usize>>, key: &str) -> usize {
+fn count(counts: &Mutex<HashMap<PoolKey, usize>>, key: &PoolKey) -> usize {
     counts.lock().unwrap().get(key).copied().unwrap_or(0)
 }
 
@@ -172,24 +203,27 @@ impl Pool {
         self.starting.lock().unwrap().values().sum()
     }
 
-    /// `(ready, starting)` slots of `image`. A booted slot joins `ready`
+    /// `(ready, starting)` slots of pool `key`. A booted slot joins `ready`
     /// before it leaves `starting`, so reading `starting` first may count it
     /// twice but never misses it: read the other way round, a slot that
     /// moved in between was in neither count, and the pool booted one slot
     /// too many (seen: 101 of 100).
-    fn counts(&self, image: &str) -> (usize, usize) {
-        let starting = count(&self.starting, image);
-        (self.ready_count(image), starting)
+    fn counts(&self, key: &PoolKey) -> (usize, usize) {
+        let starting = count(&self.starting, key);
+        (self.ready_count(key), starting)
     }
 
     /// Takes a ready slot's sandbox ID for `image` (a built-in's name or a
-    /// built image's ID).
-    pub(crate) fn take(&self, image: &str) -> Option<String> {
+    /// built image's ID) with `network`.
+    pub(crate) fn take(&self, image: &str, network: PoolNetwork) -> Option<String> {
         let mut ready = self.ready.lock().unwrap();
-        let slot = ready.values_mut().find_map(|q| {
-            let at = q.iter().position(|(_, i)| i == image)?;
-            q.remove(at).map(|(id, _)| id)
-        });
+        let slot = ready
+            .iter_mut()
+            .filter(|(k, _)| k.network == network)
+            .find_map(|(_, q)| {
+                let at = q.iter().position(|(_, i)| i == image)?;
+                q.remove(at).map(|(id, _)| id)
+            });
         if slot.is_some() {
             *self.last_claim.lock().unwrap() = Some(std::time::Instant::now());
         }
@@ -198,12 +232,18 @@ impl Pool {
 
     /// Like [`Pool::take`], but when none is ready and the image has a pool
     /// (or slots of it are booting), waits up to `limit` for one.
-    pub(crate) async fn take_or_wait(&self, image: &str, limit: Duration) -> Option<String> {
-        if let Some(slot) = self.take(image) {
+    pub(crate) async fn take_or_wait(
+        &self,
+        image: &str,
+        network: PoolNetwork,
+        limit: Duration,
+    ) -> Option<String> {
+        if let Some(slot) = self.take(image, network) {
             return Some(slot);
         }
-        let pooled = self.cfg.sizes.get(image).is_some_and(|n| *n > 0);
-        let booting = || count(&self.booting, image);
+        let key = PoolKey::new(image, network);
+        let pooled = self.cfg.sizes.get(&key).is_some_and(|n| *n > 0);
+        let booting = || count(&self.booting, &key);
         if !pooled && booting() == 0 {
             return None;
         }
@@ -222,7 +262,7 @@ impl Pool {
             let notified = self.became_ready.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(slot) = self.take(image) {
+            if let Some(slot) = self.take(image, network) {
                 break Some(slot);
             }
             if !pooled && booting() == 0 {
@@ -233,7 +273,7 @@ impl Pool {
             let tick = (tokio::time::Instant::now() + Duration::from_millis(50)).min(deadline);
             let _ = tokio::time::timeout_at(tick, notified).await;
             if tokio::time::Instant::now() >= deadline {
-                break self.take(image);
+                break self.take(image, network);
             }
         }
     }
@@ -265,21 +305,22 @@ impl Pool {
         *self.last_activity.lock().unwrap() = Some(std::time::Instant::now());
     }
 
-    pub(crate) fn ready_count(&self, image: &str) -> usize {
-        self.ready.lock().unwrap().get(image).map_or(0, |q| q.len())
+    pub(crate) fn ready_count(&self, key: &PoolKey) -> usize {
+        self.ready.lock().unwrap().get(key).map_or(0, |q| q.len())
     }
 }
 
 impl Engine {
-    /// Each configured image's pool: size, ready and booting slots.
+    /// Each configured pool: image, network, size, ready and booting slots.
     pub fn pool_status(&self) -> Vec<api::PoolImage> {
         let cfg = &self.pool.cfg.sizes;
         cfg.iter()
             .filter(|(_, n)| **n > 0)
-            .map(|(image, size)| {
-                let (ready, booting) = self.pool.counts(image);
+            .map(|(key, size)| {
+                let (ready, booting) = self.pool.counts(key);
                 api::PoolImage {
-                    image: image.clone(),
+                    image: key.image.clone(),
+                    network: key.network.as_str().to_string(),
                     size: *size,
                     ready,
                     booting,
@@ -309,8 +350,8 @@ impl Engine {
             return;
         }
         let budget_slots = (self.pool.cfg.memory_budget_mb / SLOT_COST_MB) as usize;
-        for (image, want) in &self.pool.cfg.sizes {
-            let (ready, starting) = self.pool.counts(image);
+        for (key, want) in &self.pool.cfg.sizes {
+            let (ready, starting) = self.pool.counts(key);
             if self.pool.total() >= budget_slots
                 || !refill_now(
                     *want,
@@ -327,45 +368,39 @@ impl Engine {
                 .starting
                 .lock()
                 .unwrap()
-                .entry(image.clone())
+                .entry(key.clone())
                 .or_default() += 1;
             let engine = self.clone();
-            let image = image.clone();
+            let key = key.clone();
             tokio::spawn(async move {
-                let res = engine.boot_slot(&image).await;
+                let res = engine.boot_slot(&key).await;
                 match res {
                     Ok(()) => {}
                     Err(e) => {
-                        tracing::warn!(image = %image, error = %e, "warm pool: slot failed to boot");
+                        tracing::warn!(image = %key.image, network = key.network.as_str(), error = %e, "warm pool: slot failed to boot");
                         // Do not spin on a broken (or not yet built) image:
                         // the slot counts as starting until the pause ends.
                         tokio::time::sleep(Duration::from_secs(5)).await;
                     }
                 }
-                *engine
-                    .pool
-                    .starting
-                    .lock()
-                    .unwrap()
-                    .entry(image)
-                    .or_default() -= 1;
+                *engine.pool.starting.lock().unwrap().entry(key).or_default() -= 1;
             });
         }
     }
 
-    /// Boots one unclaimed sandbox for the pool configured as `image`, waits
+    /// Boots one unclaimed sandbox for the pool configured as `key`, waits
     /// until its agent is up, and adds it to the ready slots with the image it
     /// runs (the name resolved: a built-in's name or a built image's ID).
-    async fn boot_slot(&self, image: &str) -> Result<(), String> {
+    async fn boot_slot(&self, key: &PoolKey) -> Result<(), String> {
         let images = self.images.clone();
-        let name = image.to_string();
+        let name = key.image.clone();
         let info = tokio::task::spawn_blocking(move || images.ensure(&name, &mut |_| {}))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         let id = new_id();
         let resolved = info.name.clone();
-        let _booting = Booting::new(&self.pool, &resolved);
+        let _booting = Booting::new(&self.pool, PoolKey::new(&resolved, key.network));
         let launch = LaunchConfig {
             sandbox_id: id.clone(),
             runsc_bin: self.cfg.runsc_bin.clone(),
@@ -382,7 +417,10 @@ impl Engine {
             limits: self.cfg.default_limits.clone(),
             // The image's user, as a cold start would have it.
             user: info.user_ids,
-            network: Some(self.cfg.default_network.clone()),
+            network: Some(match key.network {
+                PoolNetwork::Default => self.cfg.default_network.clone(),
+                PoolNetwork::Blocked => gworker_runtime::net::NetPolicy::Blocked,
+            }),
             net_state_dir: Some(self.net_state_dir()),
         };
         let dir = self.sandbox_dir(&id);
@@ -404,7 +442,7 @@ impl Engine {
                         .ready
                         .lock()
                         .unwrap()
-                        .entry(image.to_string())
+                        .entry(key.clone())
                         .or_default()
                         .push_back((id, resolved));
                     self.pool.became_ready.notify_waiters();
@@ -502,7 +540,7 @@ mod tests {
             let mut ready = pool.ready.lock().unwrap();
             for (name, id, image) in slots {
                 ready
-                    .entry(name.to_string())
+                    .entry(PoolKey::new(name, PoolNetwork::Default))
                     .or_default()
                     .push_back((id.to_string(), image.to_string()));
             }
@@ -514,27 +552,26 @@ mod tests {
     fn a_booted_slot_is_always_counted_while_it_moves_from_starting_to_ready() {
         const SLOTS: usize = 20_000;
         let pool = std::sync::Arc::new(Pool::new(PoolConfig::default()));
-        pool.starting
-            .lock()
-            .unwrap()
-            .insert("busybox".into(), SLOTS);
+        let key = PoolKey::new("busybox", PoolNetwork::Default);
+        pool.starting.lock().unwrap().insert(key.clone(), SLOTS);
         let mover = {
             let pool = pool.clone();
+            let key = key.clone();
             std::thread::spawn(move || {
                 // As boot_slot and its task do: into ready, then out of starting.
                 for i in 0..SLOTS {
                     pool.ready
                         .lock()
                         .unwrap()
-                        .entry("busybox".into())
+                        .entry(key.clone())
                         .or_default()
                         .push_back((format!("sb-{i}"), "busybox".into()));
-                    *pool.starting.lock().unwrap().get_mut("busybox").unwrap() -= 1;
+                    *pool.starting.lock().unwrap().get_mut(&key).unwrap() -= 1;
                 }
             })
         };
         while !mover.is_finished() {
-            let (ready, starting) = pool.counts("busybox");
+            let (ready, starting) = pool.counts(&key);
             assert!(
                 ready + starting >= SLOTS,
                 "{ready} ready + {starting} starting"
@@ -542,7 +579,7 @@ mod tests {
             assert!(pool.total() >= SLOTS);
         }
         mover.join().unwrap();
-        assert_eq!(pool.counts("busybox"), (SLOTS, 0));
+        assert_eq!(pool.counts(&key), (SLOTS, 0));
     }
 
     #[test]
@@ -555,12 +592,37 @@ mod tests {
             ("my-tag", "sb-b", "im-1"),
             ("busybox", "sb-c", "busybox"),
         ]);
-        assert_eq!(pool.take("im-2"), None);
-        assert_eq!(pool.take("my-tag"), None);
-        assert_eq!(pool.take("im-1").as_deref(), Some("sb-a"));
-        assert_eq!(pool.take("busybox").as_deref(), Some("sb-c"));
-        assert_eq!(pool.take("busybox"), None);
-        assert_eq!(pool.ready_count("my-tag"), 1);
+        assert_eq!(pool.take("im-2", PoolNetwork::Default), None);
+        assert_eq!(pool.take("my-tag", PoolNetwork::Default), None);
+        assert_eq!(
+            pool.take("im-1", PoolNetwork::Default).as_deref(),
+            Some("sb-a")
+        );
+        assert_eq!(
+            pool.take("busybox", PoolNetwork::Default).as_deref(),
+            Some("sb-c")
+        );
+        assert_eq!(pool.take("busybox", PoolNetwork::Default), None);
+        assert_eq!(
+            pool.ready_count(&PoolKey::new("my-tag", PoolNetwork::Default)),
+            1
+        );
+    }
+
+    #[test]
+    fn a_slot_is_claimed_only_with_the_network_it_booted_with() {
+        let pool = Pool::new(PoolConfig::default());
+        pool.ready
+            .lock()
+            .unwrap()
+            .entry(PoolKey::new("busybox", PoolNetwork::Blocked))
+            .or_default()
+            .push_back(("sb-none".into(), "busybox".into()));
+        assert_eq!(pool.take("busybox", PoolNetwork::Default), None);
+        assert_eq!(
+            pool.take("busybox", PoolNetwork::Blocked).as_deref(),
+            Some("sb-none")
+        );
     }
 
     #[test]
@@ -597,9 +659,9 @@ mod tests {
             ("busybox", "sb-b", "busybox"),
         ]);
         assert_eq!(pool.burst(), Burst::None, "no claim yet");
-        assert!(pool.take("nothing-here").is_none());
+        assert!(pool.take("nothing-here", PoolNetwork::Default).is_none());
         assert_eq!(pool.burst(), Burst::None, "a miss is not a claim");
-        pool.take("busybox").unwrap();
+        pool.take("busybox", PoolNetwork::Default).unwrap();
         assert_eq!(pool.burst(), Burst::Claims);
         *pool.last_claim.lock().unwrap() =
             Some(std::time::Instant::now() - REFILL_QUIET - Duration::from_millis(1));
@@ -629,7 +691,7 @@ mod tests {
         let pool = pool_with(&[("busybox", "sb-a", "busybox")]);
         pool.note_activity();
         assert_eq!(pool.burst(), Burst::None, "activity without a claim");
-        pool.take("busybox").unwrap();
+        pool.take("busybox", PoolNetwork::Default).unwrap();
         let ago = |d: Duration| Some(std::time::Instant::now() - d);
         *pool.last_claim.lock().unwrap() = ago(REFILL_QUIET * 2);
         pool.note_activity();
