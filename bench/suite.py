@@ -241,7 +241,7 @@ def prepare_images(binp, data, images_cache):
 
 
 class Daemon:
-    def __init__(self, tmp, name, binp, agent, images_cache, pool=None, pool_mb=None):
+    def __init__(self, tmp, name, binp, agent, images_cache, pool=None, pool_mb=None, pool_blocked=None):
         self.dir = os.path.join(tmp, name)
         self.data = os.path.join(self.dir, "data")
         self.sock = os.path.join(self.dir, "gw.sock")
@@ -252,9 +252,12 @@ class Daemon:
             args.append("--no-host-tuning")
         for img, n in (pool or {}).items():
             args += ["--pool", f"{img}={n}"]
+        for img, n in (pool_blocked or {}).items():
+            args += ["--pool-blocked", f"{img}={n}"]
         if pool_mb:
             args += ["--pool-memory-mb", str(pool_mb)]
         self.pool = pool or {}
+        self.pool_blocked = pool_blocked or {}
         self.logf = open(os.path.join(self.dir, "daemon.log"), "w")
         self.proc = subprocess.Popen(args, stdout=self.logf, stderr=self.logf)
         for _ in range(400):
@@ -304,6 +307,8 @@ class Daemon:
                 launch = json.load(open(os.path.join(self.data, "sandboxes", sid, "launch.json")))
             except Exception:
                 continue
+            if launch.get("network") in (None, "blocked") and self.pool_blocked:
+                continue  # a --pool-blocked slot (blocked_ready counts those)
             if (st.get("ok") or {}).get("phase") == "running":
                 img = os.path.basename(os.path.dirname(launch["rootfs"]))
                 counts[img] = counts.get(img, 0) + 1
@@ -316,14 +321,24 @@ class Daemon:
             # Full, and the sandboxes terminated before have finished their
             # teardowns (network, cgroups: ~15 ms of CPU each), which would
             # otherwise run beside what is measured next.
+            blocked = self.blocked_ready() if self.pool_blocked else {}
             if all(c.get(i, 0) >= n for i, n in self.pool.items()) and \
-                    self.supervisors() <= sum(self.pool.values()):
+                    all(blocked.get(i, 0) >= n for i, n in self.pool_blocked.items()) and \
+                    self.supervisors() <= sum(self.pool.values()) + sum(self.pool_blocked.values()):
                 if not quiet:
                     log(f"pool full {c} after {now() - t:.1f}s")
                 return True
             time.sleep(0.2)
         log(f"pool not full after {timeout}s: {self.pool_ready()}")
         return False
+
+    def blocked_ready(self):
+        """Ready slots per image of the --pool-blocked pools (`GET /v1/health`)."""
+        try:
+            pools = self.api().call("GET", "/v1/health")["pool"]
+        except Exception:
+            return {}
+        return {p["image"]: p["ready"] for p in pools if p.get("network") == "blocked"}
 
     def supervisors(self):
         """Live supervisors of this daemon (pool slots included)."""
@@ -843,6 +858,18 @@ class Suite:
                      target="p50 <= 50, p95 <= 100 ms, 100% ok",
                      met=bool(st and st["p50"] <= 50 and st["p95"] <= 100 and paced.fail == 0),
                      note="pool refilled and earlier sandboxes terminated before each run")
+        # block_network creates come from a pool of slots without a network.
+        blocked = Samples()
+        for _ in range(self.n(30, 5)):
+            reap_all()
+            self.warm.wait_pool_full(quiet=True)
+            blocked.run(lambda: gw_create_first_output("busybox", block_network=True))
+        st = summ(blocked.ok)
+        self.row("f1", "create->output busybox warm pool, block_network, paced", blocked,
+                 raw=self.extra.get("raw_run_busybox"), target="p50 <= 50, p95 <= 100 ms, 100% ok",
+                 met=bool(st and st["p50"] <= 50 and st["p95"] <= 100 and blocked.fail == 0),
+                 note=f"--pool-blocked busybox={self.warm.pool_blocked.get('busybox')}; "
+                      "raw: runsc run --network=none")
 
     def f2(self, daemon, label):
         n = self.n(50, 10)
@@ -1443,8 +1470,11 @@ class Suite:
                 n = max(self.n(100, 10), self.n(50, 10))
                 pool = {"busybox": n, "debian-slim": n}
                 log(f"starting the daemon with a warm pool {pool}")
+                # A few slots without a network for f1's block_network row.
+                blocked = {"busybox": self.n(4, 2)} if "f1" in warm_figs else {}
                 self.warm = Daemon(self.tmp, "warm", self.binp, self.agent, self.images, pool=pool,
-                                   pool_mb=sum(pool.values()) * 50 + 512)
+                                   pool_mb=(sum(pool.values()) + sum(blocked.values())) * 50 + 512,
+                                   pool_blocked=blocked)
                 for f in warm_figs:
                     try:
                         {"f1": self.f1_warm, "f2": lambda: self.f2(self.warm, "warm pool")}[f]()
