@@ -995,8 +995,32 @@ async fn claim(
     deadline: f64,
     limits: gworker_runtime::Limits,
     secrets: crate::wire::SecretEnv,
+    network: Option<gworker_runtime::net::NetPolicy>,
 ) -> Result<serde_json::Value, SupError> {
     wait_running(shared).await?;
+    if let Some(policy) = network.filter(|p| Some(p) != shared.cfg.network.as_ref()) {
+        let cannot = |e: String| {
+            SupError::new(
+                "internal",
+                format!("cannot apply the sandbox's network policy: {e}"),
+            )
+        };
+        if !shared.cfg.networked() || !policy.needs_netns() {
+            return Err(cannot(
+                "a slot's network can only change to another networked policy".into(),
+            ));
+        }
+        let (id, state) = (
+            shared.cfg.sandbox_id.clone(),
+            shared.cfg.net_state_dir.clone().unwrap_or_default(),
+        );
+        tokio::task::spawn_blocking(move || {
+            gworker_runtime::net::SandboxNet::set_policy(&id, &policy, &state)
+        })
+        .await
+        .map_err(|e| cannot(e.to_string()))?
+        .map_err(|e| cannot(e.to_string()))?;
+    }
     shared
         .cgroup
         .apply(&limits)
@@ -1439,7 +1463,8 @@ async fn handle_request(
             deadline,
             limits,
             secrets,
-        } => claim(shared, entry, deadline, limits, secrets).await,
+            network,
+        } => claim(shared, entry, deadline, limits, secrets, network).await,
         Request::Kill { reason } => {
             kill_sandbox(shared, &reason);
             Ok(serde_json::Value::Null)
@@ -1850,10 +1875,21 @@ async fn checkpoint_inner(
         std::fs::create_dir_all(&img).map_err(|e| e.to_string())?;
         runsc.checkpoint(&id, &img).map_err(|e| e.to_string())?;
         // The checkpointed container is stopped; make room for its restore.
-        runsc
-            .delete(&id)
-            .or_else(|_| runsc.delete_force(&id))
-            .map_err(|e| e.to_string())
+        // On a loaded host runsc can give up waiting for the stopped sandbox
+        // to go ("stopping container: context deadline exceeded", seen under
+        // the API fuzzer): try again before the sandbox is called lost.
+        let mut last = match runsc.delete(&id) {
+            Ok(()) => return Ok(()),
+            Err(e) => e.to_string(),
+        };
+        for pause_ms in [0, 300, 1000] {
+            std::thread::sleep(Duration::from_millis(pause_ms));
+            match runsc.delete_force(&id) {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(last)
     })
     .await
     .unwrap_or_else(|e| Err(e.to_string()));
