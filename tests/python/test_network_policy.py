@@ -6,6 +6,7 @@ it makes, and loopback servers on the host (which must stay unreachable)."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -252,3 +253,42 @@ def test_snapshot_copies_get_their_own_working_network(daemon: Any, sandboxes: A
     assert bcopy._info["network"] == "blocked"
     with pytest.raises(Exception, match="network"):
         Sandbox.create(snapshot=bsnap, image=Image.debian_slim(), cidr_allowlist=["1.2.3.4"])
+
+
+def test_an_allowlist_create_claims_a_pool_slot_and_gets_exactly_its_list(daemon: Any, test_hosts: Any,
+                                                                          host_server: int,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slot boots with the default policy; claimed with an allowlist, its
+    rules are replaced before anything runs: it reaches what the list names
+    and nothing else, like a cold allowlist sandbox."""
+    from helpers import Daemon, gworker_bin, short_tempdir
+
+    base = short_tempdir("gwpn-")  # supervisor socket paths must stay short
+    data = base / "data"
+    data.mkdir()
+    (data / "images").symlink_to(daemon.data_dir / "images")  # the session's built images
+    d2 = Daemon(gworker_bin(), data, base / "gw.sock", ["--pool", "debian-slim=1"])
+    d2.start()
+    monkeypatch.setenv("GWORKER_URL", d2.url)
+    try:
+        deadline = time.monotonic() + 180  # a first debian-slim build included
+        while time.monotonic() < deadline:
+            _, health = d2.request("GET", "/v1/health")
+            if health["pool"][0]["ready"] == 1:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"the slot never booted: {health}")
+        slots = [p.name for p in (data / "sandboxes").glob("sb-*")]
+        sb = Sandbox.create(image=Image.debian_slim(), cidr_allowlist=[test_hosts["private"] + "/32"], timeout=120)
+        try:
+            assert sb.object_id in slots, "the allowlist create came from the pool"
+            assert sb._info["network"] == "allowlist"
+            assert probe(sb, test_hosts["private"], 8000) == "OPEN private"
+            assert probe(sb, test_hosts["public"], 8000).startswith("REFUSED")
+            assert probe(sb, host_address(), host_server).startswith("REFUSED")
+        finally:
+            sb.terminate()
+    finally:
+        d2.stop()
+        shutil.rmtree(base, ignore_errors=True)

@@ -639,11 +639,14 @@ impl Engine {
         )?;
         let created_at = now();
         // Plain sandboxes come from the warm pool when it has one ready with
-        // their network: the default one, or none.
+        // their network: none, the default one, or (networked) any policy,
+        // whose rules replace the slot's at claim.
         let pool_network = if network == NetPolicy::Blocked {
             Some(pool::PoolNetwork::Blocked)
+        } else if network == self.cfg.default_network || self.cfg.default_network.needs_netns() {
+            Some(pool::PoolNetwork::Default)
         } else {
-            (network == self.cfg.default_network).then_some(pool::PoolNetwork::Default)
+            None
         };
         let slot = match pool_network {
             Some(net) if restore.is_none() && mounts.is_empty() => {
@@ -768,9 +771,17 @@ impl Engine {
             .unwrap_or_default();
         let entry = entry_spec(row, &image_env);
         let sup = SupClient::new(self.sock_path(slot));
-        sup.claim(entry, row.deadline, row.limits.clone(), secret_env)
-            .await
-            .map_err(from_client)?;
+        // The supervisor changes the slot's rules if the policy is not the
+        // one it booted with (an allowlist on a default slot).
+        sup.claim(
+            entry,
+            row.deadline,
+            row.limits.clone(),
+            secret_env,
+            Some(row.network.clone()),
+        )
+        .await
+        .map_err(from_client)?;
         let row = SandboxRow {
             id: slot.to_string(),
             state: "running".into(),

@@ -486,6 +486,25 @@ impl SandboxNet {
         remove_objects(&ids, state_dir)
     }
 
+    /// Replaces the iptables rules of `id`'s network with those of `policy`,
+    /// in one transaction: a warm-pool slot booted with the default policy
+    /// and claimed for another (an allowlist) is then as a cold start with
+    /// `policy` would have made it. Its netns, veth and address stay.
+    pub fn set_policy(id: &str, policy: &NetPolicy, state_dir: &Path) -> Result<(), NetError> {
+        check_id(id)?;
+        if !policy.needs_netns() {
+            return Err(NetError::Blocked);
+        }
+        let slot = recorded_slot(state_dir, id).ok_or_else(|| NetError::Command {
+            command: "set_policy".into(),
+            message: format!("no network recorded for {id}"),
+        })?;
+        let host = host_info()?;
+        let nameservers = host_nameservers();
+        let _lock = lock(state_dir, Wait::Bounded)?;
+        apply_rules(&|rs| setup_batch(rs, &host, id, slot, policy, &nameservers))
+    }
+
     /// Gives the guest end of `id`'s veth its address and routes again, in
     /// its netns as its setup left it. runsc takes them over when it starts
     /// a sandbox (its network stack has them, the interface no longer), so a

@@ -236,12 +236,14 @@ impl SupClient {
         deadline: f64,
         limits: gworker_runtime::Limits,
         secrets: Vec<(String, String)>,
+        network: Option<gworker_runtime::net::NetPolicy>,
     ) -> Result<(), ClientError> {
         self.call(&Request::Claim {
             entry,
             deadline,
             limits,
             secrets: crate::wire::SecretEnv(secrets),
+            network,
         })
         .await
         .map(|_| ())

@@ -158,6 +158,11 @@ pub enum Request {
         /// booted without any, so the claim brings them.
         #[serde(default, skip_serializing_if = "SecretEnv::is_empty")]
         secrets: SecretEnv,
+        /// The sandbox's network policy, when it is not the one the slot
+        /// booted with (both networked): its rules are replaced before
+        /// anything runs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        network: Option<gworker_runtime::net::NetPolicy>,
     },
     /// Writes a memory checkpoint to `image_path`; the sandbox goes on running.
     Checkpoint {
