@@ -878,6 +878,18 @@ fn warm_pool_claims_fresh_sandboxes_and_refills() {
     );
     let out = d.req("GET", &format!("/v1/sandboxes/{id}/processes/0/stdout"), "");
     assert_eq!(out.body, b"fresh\n", "nothing left in /tmp from the pool");
+    let cg = |ctl: &str, id: &str, file: &str| {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{ctl}/gworker/{id}/{file}"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    // A claim with the daemon's default limits keeps the slot's cgroup as
+    // it booted; one with its own gets them.
+    assert_eq!(
+        cg("memory", &id, "memory.limit_in_bytes"),
+        (2048u64 << 20).to_string()
+    );
+    assert_eq!(cg("cpu", &id, "cpu.cfs_quota_us"), "-1");
     // Per-sandbox settings were applied at claim time.
     let idle = d.json(
         "POST",
@@ -910,6 +922,37 @@ fn warm_pool_claims_fresh_sandboxes_and_refills() {
         d.exec_stdout(&iid, r#"{"cmd":["echo","still"]}"#),
         b"still\n"
     );
+}
+
+#[test]
+fn a_claim_with_limits_of_its_own_gets_them() {
+    let Some(d) = Daemon::start_with("pool-limits", &["--pool", "busybox=1"]) else {
+        return;
+    };
+    wait_for("the slot to boot", || pool_ready(&d, "busybox") == 1);
+    let slots = sandbox_dirs(&d);
+    let limited = d.json(
+        "POST",
+        "/v1/sandboxes",
+        r#"{"image":"busybox","timeout":60,"memory":256,"cpu":0.5,"max_processes":50}"#,
+    );
+    let lid = limited["sandbox_id"].as_str().unwrap().to_string();
+    assert!(
+        slots.contains(&lid),
+        "the limited sandbox came from the pool"
+    );
+    assert_eq!(d.exec_stdout(&lid, r#"{"cmd":["echo","up"]}"#), b"up\n");
+    let cg = |ctl: &str, file: &str| {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{ctl}/gworker/{lid}/{file}"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        cg("memory", "memory.limit_in_bytes"),
+        (256u64 << 20).to_string()
+    );
+    assert_eq!(cg("cpu", "cpu.cfs_quota_us"), "50000");
+    assert_eq!(cg("pids", "pids.max"), (50 + 256).to_string());
 }
 
 #[test]

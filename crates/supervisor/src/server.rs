@@ -1021,20 +1021,26 @@ async fn claim(
         .map_err(|e| cannot(e.to_string()))?
         .map_err(|e| cannot(e.to_string()))?;
     }
-    shared
-        .cgroup
-        .apply(&limits)
-        .and_then(|()| {
-            shared
-                .cgroup
-                .set_cpu_shares(gworker_runtime::cgroup::DEFAULT_CPU_SHARES)
-        })
-        .map_err(|e| {
-            SupError::new(
-                "internal",
-                format!("cannot apply the sandbox's limits: {e}"),
-            )
-        })?;
+    // The slot's cgroup has its boot limits (the daemon's defaults): most
+    // claims keep them, and skip four writes. A CPU quota is always written
+    // (a boot runs without one, see `Shared::unthrottle`).
+    let keep = limits == shared.cfg.limits && limits.cpu.is_none();
+    (if keep {
+        Ok(())
+    } else {
+        shared.cgroup.apply(&limits)
+    })
+    .and_then(|()| {
+        shared
+            .cgroup
+            .set_cpu_shares(gworker_runtime::cgroup::DEFAULT_CPU_SHARES)
+    })
+    .map_err(|e| {
+        SupError::new(
+            "internal",
+            format!("cannot apply the sandbox's limits: {e}"),
+        )
+    })?;
     {
         let mut st = shared.lock();
         if st.claimed {
