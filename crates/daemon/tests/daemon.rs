@@ -1076,6 +1076,30 @@ fn block_network_creates_claim_slots_of_a_blocked_pool_only() {
 }
 
 #[test]
+fn without_networks_the_pool_keeps_blocked_slots_for_plain_creates() {
+    let Some(d) = Daemon::start_with(
+        "pool-nonet",
+        &["--sandbox-network", "none", "--pool", "busybox=1"],
+    ) else {
+        return;
+    };
+    wait_for("the slot to boot", || pool_ready(&d, "busybox") == 1);
+    let h = d.json("GET", "/v1/health", "");
+    assert_eq!(h["pool"][0]["network"], "blocked", "{h}");
+    let slots = sandbox_dirs(&d);
+    let s = d.json(
+        "POST",
+        "/v1/sandboxes",
+        r#"{"image":"busybox","timeout":60}"#,
+    );
+    let id = s["sandbox_id"].as_str().unwrap().to_string();
+    assert!(slots.contains(&id), "the plain create came from the pool");
+    let out = d.exec_stdout(&id, r#"{"cmd":["cat","/proc/net/dev"]}"#);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    assert!(text.contains("lo:") && !text.contains("eth0"), "{text}");
+}
+
+#[test]
 fn a_create_on_a_drained_pool_waits_for_a_booting_slot() {
     // The second create waits for the refill's boot, however slow this
     // machine is (3 s otherwise, then it starts cold).
