@@ -29,7 +29,9 @@ pub struct ServeArgs {
     retention: u64,
     /// Keep N pre-booted sandboxes of IMAGE ready (e.g. `--pool busybox=4`),
     /// so creating one takes milliseconds; repeat for several images. IMAGE
-    /// is a built-in, a tag or an image ID, as `create` names it.
+    /// is a built-in, a tag or an image ID, as `create` names it. They serve
+    /// creates with the default network or a `cidr_allowlist` (and any
+    /// limits and secrets); creates with volumes or a snapshot start cold.
     #[arg(long, value_name = "IMAGE=N", value_parser = parse_pool)]
     pool: Vec<(String, usize)>,
     /// Like --pool, but the sandboxes have no network (loopback only): they
