@@ -8,6 +8,8 @@
 //! change limits later (a warm-pool sandbox gets its user's limits at claim).
 
 use std::io;
+#[cfg(test)]
+use std::path::Path;
 use std::path::PathBuf;
 
 const ROOT: &str = "/sys/fs/cgroup";
@@ -110,6 +112,29 @@ impl Cgroup {
             .any(|n| n.trim().parse::<u64>().map(|n| n > 0).unwrap_or(false))
     }
 
+    /// This cgroup's path in every mounted v1 hierarchy but ours, and in the
+    /// v2 tree, where it exists (runsc made it).
+    fn runsc_dirs(&self) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(ROOT) else {
+            return Vec::new();
+        };
+        // The v2 tree too (runsc's, on a host whose supervisors have no v1
+        // controllers of their own).
+        let v2 = PathBuf::from(ROOT).join(self.path.trim_start_matches('/'));
+        entries
+            .flatten()
+            .filter(|e| {
+                let name = e.file_name();
+                // Real mounts only (`cpu` may be a link to `cpu,cpuacct`).
+                e.file_type().is_ok_and(|t| t.is_dir())
+                    && !CONTROLLERS.iter().any(|c| name.to_str() == Some(c))
+            })
+            .map(|e| e.path().join(self.path.trim_start_matches('/')))
+            .chain(std::iter::once(v2))
+            .filter(|d| d.is_dir())
+            .collect()
+    }
+
     /// Removes the cgroups (they must be empty: call after runsc ended).
     pub fn remove(&self) {
         // Tasks may still be leaving.
@@ -120,10 +145,15 @@ impl Cgroup {
     /// their tasks to leave (attempts 20 ms apart); busy ones stay after
     /// that. For a sandbox whose supervisor was killed, where nothing else
     /// will: its runsc ends on its own soon after.
+    ///
+    /// Also removes what runsc made itself under the same path in the other
+    /// v1 hierarchies (freezer, devices, cpuset, …), which it removes only
+    /// when it ends cleanly: a sandbox whose runsc or sentry was killed left
+    /// them (hundreds had piled up on the benchmark host).
     pub fn remove_within(&self, wait: std::time::Duration) {
         let attempts = (wait.as_millis() / 20).max(1) as usize;
-        for c in CONTROLLERS {
-            let dir = self.dir(c);
+        let ours = CONTROLLERS.iter().map(|c| self.dir(c));
+        for dir in ours.chain(self.runsc_dirs()) {
             for attempt in 1..=attempts {
                 match std::fs::remove_dir(&dir) {
                     Ok(()) => break,
@@ -134,6 +164,31 @@ impl Cgroup {
                     Err(_) => {}
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What runsc leaves in the other hierarchies goes with ours.
+    #[test]
+    fn removal_takes_runsc_s_cgroups_in_other_hierarchies_too() {
+        let freezer = Path::new(ROOT).join("freezer");
+        if !nix::unistd::geteuid().is_root() || !freezer.is_dir() {
+            eprintln!("skipped: needs root and a cgroup v1 freezer hierarchy");
+            return;
+        }
+        let id = format!("sb-cgtest-{}", std::process::id());
+        let cg = Cgroup::new(&id);
+        cg.create(&Limits::default()).unwrap();
+        let left = freezer.join("gworker").join(&id);
+        std::fs::create_dir_all(&left).unwrap();
+        cg.remove();
+        assert!(!left.exists(), "runsc's freezer cgroup is left");
+        for c in CONTROLLERS {
+            assert!(!cg.dir(c).exists(), "{c}");
         }
     }
 }
