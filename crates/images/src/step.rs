@@ -403,7 +403,7 @@ impl Drop for Unmount {
 /// Deletes build sandboxes a crashed daemon left in runsc's state, and
 /// stale build cgroups.
 pub(crate) fn cleanup_build_sandboxes(store: &ImageStore, runsc: &Path) {
-    remove_stale_build_cgroups(Path::new(CGROUP_ROOT));
+    remove_stale_build_cgroups(Path::new(gworker_runtime::cgroup::ROOT));
     let state = store.runsc_state_dir();
     if !state.is_dir() {
         return;
@@ -426,19 +426,13 @@ pub(crate) fn cleanup_build_sandboxes(store: &ImageStore, runsc: &Path) {
     crate::buildnet::cleanup_stale(&store.net_state_dir());
 }
 
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
-
 /// Removes the empty `gwb-KEY-PID-N` cgroups that runsc made for build steps
 /// before steps ran with `--ignore-cgroups`, and left behind when it was cut
 /// short: at the root of the cgroup v2 tree or of each v1 hierarchy under
 /// `root`. One whose daemon (PID) still lives is left alone, and a cgroup
 /// with tasks cannot be removed (`rmdir` refuses).
 pub(crate) fn remove_stale_build_cgroups(root: &Path) {
-    let mut dirs = vec![root.to_path_buf()];
-    if let Ok(entries) = fs::read_dir(root) {
-        dirs.extend(entries.flatten().map(|e| e.path()));
-    }
-    for dir in dirs {
+    for dir in gworker_runtime::cgroup::hierarchies(root) {
         let Ok(entries) = fs::read_dir(&dir) else {
             continue;
         };

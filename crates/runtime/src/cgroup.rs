@@ -8,11 +8,10 @@
 //! change limits later (a warm-pool sandbox gets its user's limits at claim).
 
 use std::io;
-#[cfg(test)]
-use std::path::Path;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-const ROOT: &str = "/sys/fs/cgroup";
+/// Where the host's cgroups are mounted.
+pub const ROOT: &str = "/sys/fs/cgroup";
 const CONTROLLERS: &[&str] = &["memory", "cpu", "pids"];
 /// Host threads of gVisor itself (sentry, gofer) counted by the pids
 /// controller on top of the sandbox's own processes.
@@ -113,24 +112,17 @@ impl Cgroup {
     }
 
     /// This cgroup's path in every mounted v1 hierarchy but ours, and in the
-    /// v2 tree, where it exists (runsc made it).
+    /// v2 tree (runsc's, on a host whose supervisors have no v1 controllers
+    /// of their own), where it exists: runsc made it.
     fn runsc_dirs(&self) -> Vec<PathBuf> {
-        let Ok(entries) = std::fs::read_dir(ROOT) else {
-            return Vec::new();
-        };
-        // The v2 tree too (runsc's, on a host whose supervisors have no v1
-        // controllers of their own).
-        let v2 = PathBuf::from(ROOT).join(self.path.trim_start_matches('/'));
-        entries
-            .flatten()
-            .filter(|e| {
-                let name = e.file_name();
-                // Real mounts only (`cpu` may be a link to `cpu,cpuacct`).
-                e.file_type().is_ok_and(|t| t.is_dir())
-                    && !CONTROLLERS.iter().any(|c| name.to_str() == Some(c))
-            })
-            .map(|e| e.path().join(self.path.trim_start_matches('/')))
-            .chain(std::iter::once(v2))
+        let ours: Vec<PathBuf> = CONTROLLERS
+            .iter()
+            .map(|c| Path::new(ROOT).join(c))
+            .collect();
+        hierarchies(Path::new(ROOT))
+            .into_iter()
+            .filter(|h| !ours.contains(h))
+            .map(|h| h.join(self.path.trim_start_matches('/')))
             .filter(|d| d.is_dir())
             .collect()
     }
@@ -166,6 +158,22 @@ impl Cgroup {
             }
         }
     }
+}
+
+/// The roots of the cgroup trees under `root`: `root` itself (the v2 tree)
+/// and each v1 hierarchy mounted in it (real directories: `cpu` may be a
+/// link to `cpu,cpuacct`).
+pub fn hierarchies(root: &Path) -> Vec<PathBuf> {
+    let mut out = vec![root.to_path_buf()];
+    if let Ok(entries) = std::fs::read_dir(root) {
+        out.extend(
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path()),
+        );
+    }
+    out
 }
 
 #[cfg(test)]
