@@ -819,15 +819,35 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// Booted, claimable slots of `image`'s pool (`GET /v1/health`).
-fn pool_ready(d: &Daemon, image: &str) -> u64 {
+/// Booted, claimable slots of `image`'s pool with `network` (`default` or
+/// `blocked`; `GET /v1/health`).
+fn pool_ready(d: &Daemon, image: &str, network: &str) -> u64 {
     let h = d.json("GET", "/v1/health", "");
     h["pool"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|p| p["image"] == image)
+        .find(|p| p["image"] == image && p["network"] == network)
         .map_or(0, |p| p["ready"].as_u64().unwrap())
+}
+
+/// A file of sandbox `id`'s cgroup in controller `ctl`, trimmed ("" if none).
+fn cgroup_file(ctl: &str, id: &str, file: &str) -> String {
+    std::fs::read_to_string(format!("/sys/fs/cgroup/{ctl}/gworker/{id}/{file}"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The network interfaces a sandbox sees, sorted (`/proc/net/dev`).
+fn interfaces(d: &Daemon, id: &str) -> Vec<String> {
+    let out = d.exec_stdout(id, r#"{"cmd":["cat","/proc/net/dev"]}"#);
+    let mut names: Vec<String> = String::from_utf8_lossy(&out)
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, _)| n.trim().to_string())
+        .collect();
+    names.sort();
+    names
 }
 
 #[test]
@@ -845,17 +865,15 @@ fn warm_pool_claims_fresh_sandboxes_and_refills() {
         0
     );
     let slots = sandbox_dirs(&d);
-    wait_for("two booted slots", || pool_ready(&d, "busybox") == 2);
+    wait_for("two booted slots", || {
+        pool_ready(&d, "busybox", "default") == 2
+    });
     let health = d.json("GET", "/v1/health", "");
     assert_eq!(
         health["pool"],
         serde_json::json!([{"image": "busybox", "network": "default", "size": 2, "ready": 2, "booting": 0}])
     );
-    let shares = |id: &str| {
-        std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/gworker/{id}/cpu.shares"))
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default()
-    };
+    let shares = |id: &str| cgroup_file("cpu", id, "cpu.shares");
     // Unclaimed slots yield the CPU to sandboxes users wait for.
     for slot in &slots {
         assert_eq!(shares(slot), "64", "slot {slot}");
@@ -878,18 +896,13 @@ fn warm_pool_claims_fresh_sandboxes_and_refills() {
     );
     let out = d.req("GET", &format!("/v1/sandboxes/{id}/processes/0/stdout"), "");
     assert_eq!(out.body, b"fresh\n", "nothing left in /tmp from the pool");
-    let cg = |ctl: &str, id: &str, file: &str| {
-        std::fs::read_to_string(format!("/sys/fs/cgroup/{ctl}/gworker/{id}/{file}"))
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default()
-    };
     // A claim with the daemon's default limits keeps the slot's cgroup as
     // it booted; one with its own gets them.
     assert_eq!(
-        cg("memory", &id, "memory.limit_in_bytes"),
+        cgroup_file("memory", &id, "memory.limit_in_bytes"),
         (2048u64 << 20).to_string()
     );
-    assert_eq!(cg("cpu", &id, "cpu.cfs_quota_us"), "-1");
+    assert_eq!(cgroup_file("cpu", &id, "cpu.cfs_quota_us"), "-1");
     // Per-sandbox settings were applied at claim time.
     let idle = d.json(
         "POST",
@@ -929,7 +942,9 @@ fn a_claim_with_limits_of_its_own_gets_them() {
     let Some(d) = Daemon::start_with("pool-limits", &["--pool", "busybox=1"]) else {
         return;
     };
-    wait_for("the slot to boot", || pool_ready(&d, "busybox") == 1);
+    wait_for("the slot to boot", || {
+        pool_ready(&d, "busybox", "default") == 1
+    });
     let slots = sandbox_dirs(&d);
     let limited = d.json(
         "POST",
@@ -942,17 +957,15 @@ fn a_claim_with_limits_of_its_own_gets_them() {
         "the limited sandbox came from the pool"
     );
     assert_eq!(d.exec_stdout(&lid, r#"{"cmd":["echo","up"]}"#), b"up\n");
-    let cg = |ctl: &str, file: &str| {
-        std::fs::read_to_string(format!("/sys/fs/cgroup/{ctl}/gworker/{lid}/{file}"))
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default()
-    };
     assert_eq!(
-        cg("memory", "memory.limit_in_bytes"),
+        cgroup_file("memory", &lid, "memory.limit_in_bytes"),
         (256u64 << 20).to_string()
     );
-    assert_eq!(cg("cpu", "cpu.cfs_quota_us"), "50000");
-    assert_eq!(cg("pids", "pids.max"), (50 + 256).to_string());
+    assert_eq!(cgroup_file("cpu", &lid, "cpu.cfs_quota_us"), "50000");
+    assert_eq!(
+        cgroup_file("pids", &lid, "pids.max"),
+        (50 + 256).to_string()
+    );
 }
 
 #[test]
@@ -960,7 +973,9 @@ fn a_create_with_secrets_claims_a_pool_slot_and_the_values_stay_in_memory() {
     let Some(d) = Daemon::start_with("pool-secrets", &["--pool", "busybox=1"]) else {
         return;
     };
-    wait_for("the slot to boot", || pool_ready(&d, "busybox") == 1);
+    wait_for("the slot to boot", || {
+        pool_ready(&d, "busybox", "default") == 1
+    });
     let slots = sandbox_dirs(&d);
     let value = "s3cr3t-4f9a0c1e";
     d.json(
@@ -1020,30 +1035,10 @@ fn block_network_creates_claim_slots_of_a_blocked_pool_only() {
     ) else {
         return;
     };
-    let ready = |network: &str| {
-        let h = d.json("GET", "/v1/health", "");
-        h["pool"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["image"] == "busybox" && p["network"] == network)
-            .map_or(0, |p| p["ready"].as_u64().unwrap())
-    };
     wait_for("both slots to boot", || {
-        ready("default") == 1 && ready("blocked") == 1
+        pool_ready(&d, "busybox", "default") == 1 && pool_ready(&d, "busybox", "blocked") == 1
     });
     let slots = sandbox_dirs(&d);
-    let interfaces = |id: &str| {
-        let out = d.exec_stdout(id, r#"{"cmd":["cat","/proc/net/dev"]}"#);
-        let text = String::from_utf8_lossy(&out).into_owned();
-        let mut names: Vec<String> = text
-            .lines()
-            .filter_map(|l| l.split_once(':'))
-            .map(|(n, _)| n.trim().to_string())
-            .collect();
-        names.sort();
-        names
-    };
     let blocked = d.json(
         "POST",
         "/v1/sandboxes",
@@ -1055,12 +1050,16 @@ fn block_network_creates_claim_slots_of_a_blocked_pool_only() {
         "the blocked create came from the pool"
     );
     assert_eq!(blocked["state"], "running");
-    assert_eq!(interfaces(&bid), ["lo"], "no network but loopback");
+    assert_eq!(interfaces(&d, &bid), ["lo"], "no network but loopback");
     assert_eq!(
         d.json("GET", &format!("/v1/sandboxes/{bid}"), "")["network"],
         "blocked"
     );
-    assert_eq!(ready("default"), 1, "the default slot is left alone");
+    assert_eq!(
+        pool_ready(&d, "busybox", "default"),
+        1,
+        "the default slot is left alone"
+    );
     // A default create takes the default slot, with its network.
     let open = d.json(
         "POST",
@@ -1072,7 +1071,7 @@ fn block_network_creates_claim_slots_of_a_blocked_pool_only() {
         slots.contains(&oid),
         "the default create came from the pool"
     );
-    assert_eq!(interfaces(&oid), ["eth0", "lo"]);
+    assert_eq!(interfaces(&d, &oid), ["eth0", "lo"]);
 }
 
 #[test]
@@ -1083,8 +1082,11 @@ fn without_networks_the_pool_keeps_blocked_slots_for_plain_creates() {
     ) else {
         return;
     };
-    wait_for("the slot to boot", || pool_ready(&d, "busybox") == 1);
+    wait_for("the slot to boot", || {
+        pool_ready(&d, "busybox", "blocked") == 1
+    });
     let h = d.json("GET", "/v1/health", "");
+    assert_eq!(h["pool"].as_array().unwrap().len(), 1, "{h}");
     assert_eq!(h["pool"][0]["network"], "blocked", "{h}");
     let slots = sandbox_dirs(&d);
     let s = d.json(
@@ -1094,9 +1096,7 @@ fn without_networks_the_pool_keeps_blocked_slots_for_plain_creates() {
     );
     let id = s["sandbox_id"].as_str().unwrap().to_string();
     assert!(slots.contains(&id), "the plain create came from the pool");
-    let out = d.exec_stdout(&id, r#"{"cmd":["cat","/proc/net/dev"]}"#);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    assert!(text.contains("lo:") && !text.contains("eth0"), "{text}");
+    assert_eq!(interfaces(&d, &id), ["lo"], "no network but loopback");
 }
 
 #[test]
@@ -1108,7 +1108,9 @@ fn a_create_on_a_drained_pool_waits_for_a_booting_slot() {
         return;
     };
     wait_for("the pool slot", || sandbox_dirs(&d).len() == 1);
-    wait_for("the slot to boot", || pool_ready(&d, "busybox") == 1);
+    wait_for("the slot to boot", || {
+        pool_ready(&d, "busybox", "default") == 1
+    });
     let pooled = |id: &str| {
         let launch =
             std::fs::read(d.dir.join("data/sandboxes").join(id).join("launch.json")).unwrap();
@@ -1137,10 +1139,12 @@ fn sigterm_shuts_the_pool_down_and_leaves_users_sandboxes_running() {
     let Some(mut d) = Daemon::start_with("stop", &["--pool", "busybox=2"]) else {
         return;
     };
-    wait_for("two booted slots", || pool_ready(&d, "busybox") == 2);
+    wait_for("two booted slots", || {
+        pool_ready(&d, "busybox", "default") == 2
+    });
     let user = d.create(r#"{"image":"busybox","timeout":120}"#);
     // The pool refills: two unclaimed slots beside the user's sandbox.
-    wait_for("the refill", || pool_ready(&d, "busybox") == 2);
+    wait_for("the refill", || pool_ready(&d, "busybox", "default") == 2);
     let slots: Vec<String> = sandbox_dirs(&d)
         .into_iter()
         .filter(|s| *s != user)

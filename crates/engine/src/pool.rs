@@ -9,10 +9,12 @@
 //! - Slots are not in the registry until claimed; after a daemon restart,
 //!   unclaimed slots (sandbox directories the registry does not know) are
 //!   shut down and removed, and the pool is filled anew.
-//! - Only sandboxes without volumes or a snapshot come from the pool, and only
-//!   with a network their slot has: the daemon's default one (`--pool`) or
-//!   none at all (`--pool-blocked`, for `block_network` creates); the others
-//!   start cold. Secrets are applied at claim.
+//! - Only sandboxes without volumes or a snapshot come from the pool; the
+//!   others start cold. Slots boot with the daemon's default network
+//!   (`--pool`) or none at all (`--pool-blocked`, for `block_network`
+//!   creates); a networked slot also serves a `cidr_allowlist` create, whose
+//!   rules replace the slot's at claim. Secrets and limits are applied at
+//!   claim too.
 //! - A pool is configured by the name `create` is given (a built-in, a tag
 //!   or an image ID); a slot belongs to the image that name resolved to when
 //!   it booted, and only a create of that image claims it (a create resolves
