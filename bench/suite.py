@@ -291,28 +291,14 @@ class Daemon:
         finally:
             c.close()
 
-    def pool_ready(self):
-        """Ready warm-pool slots per image: supervisors the registry does not know
-        whose sandbox is running."""
+    def pool_ready(self, network="default"):
+        """Ready warm-pool slots per configured image of the pools with
+        `network` (`default` or `blocked`), as `GET /v1/health` counts them."""
         try:
-            known = {s["sandbox_id"] for s in self.api().call("GET", "/v1/sandboxes")["sandboxes"]}
+            pools = self.api().call("GET", "/v1/health")["pool"]
         except Exception:
-            known = set()
-        counts = {}
-        for sid in os.listdir(os.path.join(self.data, "sock")):
-            if sid in known:
-                continue
-            try:
-                st = self.sup_call(sid, "status")
-                launch = json.load(open(os.path.join(self.data, "sandboxes", sid, "launch.json")))
-            except Exception:
-                continue
-            if launch.get("network") in (None, "blocked") and self.pool_blocked:
-                continue  # a --pool-blocked slot (blocked_ready counts those)
-            if (st.get("ok") or {}).get("phase") == "running":
-                img = os.path.basename(os.path.dirname(launch["rootfs"]))
-                counts[img] = counts.get(img, 0) + 1
-        return counts
+            return {}
+        return {p["image"]: p["ready"] for p in pools if p.get("network", "default") == network}
 
     def wait_pool_full(self, timeout=240, quiet=False):
         t = now()
@@ -321,7 +307,7 @@ class Daemon:
             # Full, and the sandboxes terminated before have finished their
             # teardowns (network, cgroups: ~15 ms of CPU each), which would
             # otherwise run beside what is measured next.
-            blocked = self.blocked_ready() if self.pool_blocked else {}
+            blocked = self.pool_ready("blocked") if self.pool_blocked else {}
             if all(c.get(i, 0) >= n for i, n in self.pool.items()) and \
                     all(blocked.get(i, 0) >= n for i, n in self.pool_blocked.items()) and \
                     self.supervisors() <= sum(self.pool.values()) + sum(self.pool_blocked.values()):
@@ -331,14 +317,6 @@ class Daemon:
             time.sleep(0.2)
         log(f"pool not full after {timeout}s: {self.pool_ready()}")
         return False
-
-    def blocked_ready(self):
-        """Ready slots per image of the --pool-blocked pools (`GET /v1/health`)."""
-        try:
-            pools = self.api().call("GET", "/v1/health")["pool"]
-        except Exception:
-            return {}
-        return {p["image"]: p["ready"] for p in pools if p.get("network") == "blocked"}
 
     def supervisors(self):
         """Live supervisors of this daemon (pool slots included)."""
