@@ -512,5 +512,22 @@ fn a_low_open_files_limit_is_raised_or_explained() {
             "{}",
             d.log()
         );
+        // Nothing of the failed start stays: runsc made cgroups of its own
+        // in the other hierarchies (freezer, devices, …) before it failed,
+        // and only a clean runsc removes those itself.
+        let left = || -> Vec<std::path::PathBuf> {
+            std::fs::read_dir("/sys/fs/cgroup")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|h| h.path().join("gworker").join(&id))
+                .filter(|p| p.exists())
+                .collect()
+        };
+        let start = Instant::now();
+        while !left().is_empty() && start.elapsed() < Duration::from_secs(15) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(left(), Vec::<std::path::PathBuf>::new());
     }
 }
