@@ -48,6 +48,8 @@ const OUTPUT_PIPE_SIZE: usize = 1024 * 1024;
 const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
 
 const STREAMS: [Stream; 2] = [Stream::Stdout, Stream::Stderr];
+/// A warm slot's volume mount: the host binds a claim's volumes under it.
+const SLOT_VOLUMES: &str = "/.gworker/vols";
 
 fn token(pid: u32, slot: u64) -> u64 {
     (u64::from(pid) << 2) | slot
@@ -320,6 +322,9 @@ pub struct Agent {
     inbuf: Vec<u8>,
     in_pos: usize,
     scratch: Vec<u8>,
+    /// Set at the first spawn: the warm slot's volume mount is detached and
+    /// CAP_SYS_ADMIN is dropped for good (see [`Agent::seal`]).
+    sealed: bool,
 }
 
 fn fatal(what: &str, e: io::Error) -> ! {
@@ -384,6 +389,7 @@ pub fn run() -> ! {
         inbuf: Vec::with_capacity(HOST_READ),
         in_pos: 0,
         scratch: vec![0; MAX_OUTPUT_CHUNK],
+        sealed: false,
     };
     agent.event_loop()
 }
@@ -522,6 +528,53 @@ impl Agent {
             }
             HostMsg::Resume => self.writer.resume(),
             HostMsg::Prefetch { paths } => prefetch(paths),
+            HostMsg::Mount {
+                seq,
+                sources,
+                targets,
+            } => {
+                let error = if self.sealed {
+                    "the sandbox has started a process: it mounts nothing more".to_string()
+                } else {
+                    sources
+                        .iter()
+                        .zip(&targets)
+                        .try_for_each(|(src, dst)| {
+                            sys::bind_mount(src, dst).map_err(|e| {
+                                format!(
+                                    "cannot mount a volume on {}: {}",
+                                    String::from_utf8_lossy(dst),
+                                    errstr(&e)
+                                )
+                            })
+                        })
+                        .err()
+                        .unwrap_or_default()
+                };
+                self.writer.send(&AgentMsg::Mounted { seq, error });
+            }
+        }
+    }
+
+    /// Before the sandbox's first process: a warm slot's agent holds
+    /// CAP_SYS_ADMIN only to bind-mount the claim's volumes from the slot's
+    /// volume mount ([`SLOT_VOLUMES`]). That mount is detached (the volumes'
+    /// binds stay) and the capability dropped from every set of this thread,
+    /// the one every process is started from, so no process ever gets it.
+    /// A cold sandbox's agent never had it: one `capget`.
+    fn seal(&mut self) {
+        self.sealed = true;
+        if !sys::has_sys_admin() {
+            return;
+        }
+        if let Err(e) = sys::detach(SLOT_VOLUMES) {
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                self.log(format!("detaching {SLOT_VOLUMES}: {}", errstr(&e)));
+            }
+        }
+        if let Err(e) = sys::drop_sys_admin() {
+            // Not a process may start with it.
+            self.shutdown(&format!("cannot drop CAP_SYS_ADMIN: {}", errstr(&e)));
         }
     }
 
@@ -557,6 +610,9 @@ impl Agent {
     }
 
     fn spawn(&mut self, s: Spawn) {
+        if !self.sealed {
+            self.seal();
+        }
         let pid = s.pid;
         if self.procs.contains_key(&pid) {
             let message = format!("process id {pid} is already in use");

@@ -550,6 +550,105 @@ pub fn set_not_dumpable() -> io::Result<()> {
     Ok(())
 }
 
+/// CAP_SYS_ADMIN's bit.
+const CAP_SYS_ADMIN: u32 = 21;
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+fn capget() -> io::Result<[CapData; 2]> {
+    let mut h = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut d = [CapData::default(); 2];
+    // SAFETY: a v3 header and two data structs, as the kernel expects.
+    let r = unsafe { libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()) };
+    cvt(r as libc::c_int)?;
+    Ok(d)
+}
+
+/// Whether this thread may use CAP_SYS_ADMIN (a warm slot's agent, before sealing).
+pub fn has_sys_admin() -> bool {
+    capget().is_ok_and(|d| d[0].permitted & (1 << CAP_SYS_ADMIN) != 0)
+}
+
+/// Drops CAP_SYS_ADMIN from this thread's bounding set and from its
+/// effective, permitted and inheritable sets: neither this thread nor any
+/// process it starts can get it back.
+pub fn drop_sys_admin() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    cvt(unsafe {
+        libc::prctl(
+            libc::PR_CAPBSET_DROP,
+            CAP_SYS_ADMIN as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    })?;
+    let mut d = capget()?;
+    let bit = !(1u32 << CAP_SYS_ADMIN);
+    d[0].effective &= bit;
+    d[0].permitted &= bit;
+    d[0].inheritable &= bit;
+    let mut h = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    // SAFETY: as in `capget`; the kernel only reads the data.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()) };
+    cvt(r as libc::c_int)?;
+    Ok(())
+}
+
+/// Bind-mounts directory `src` on `dst`, made first with its parents if
+/// missing.
+pub fn bind_mount(src: &[u8], dst: &[u8]) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::DirBuilderExt;
+    let path = std::path::Path::new(std::ffi::OsStr::from_bytes(dst));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(path)?;
+    let c = |b: &[u8]| std::ffi::CString::new(b).map_err(|_| io::ErrorKind::InvalidInput);
+    let (src, dst) = (c(src)?, c(dst)?);
+    // SAFETY: NUL-terminated paths; no file system type or data.
+    cvt(unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            std::ptr::null(),
+            // Not MS_REC: this gVisor refuses it (EINVAL), and the volume
+            // has no mounts of its own inside the sandbox.
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    })?;
+    Ok(())
+}
+
+/// Detaches the mount at `path` (`umount2(MNT_DETACH)`).
+pub fn detach(path: &str) -> io::Result<()> {
+    let p = std::ffi::CString::new(path).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: a NUL-terminated path.
+    cvt(unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) })?;
+    Ok(())
+}
+
 pub fn set_child_subreaper() -> io::Result<()> {
     // SAFETY: prctl with integer arguments only.
     cvt(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) })?;

@@ -439,6 +439,28 @@ impl Engine {
         self.cfg.data_dir.join("sandboxes").join(id)
     }
 
+    /// A warm slot's volume directory (see `gworker_runtime::volbind`).
+    fn slot_volumes_dir(&self, id: &str) -> PathBuf {
+        gworker_runtime::volbind::dir_for(&self.cfg.data_dir, id)
+    }
+
+    /// Unmounts what is left of a sandbox's slot volume directory (its
+    /// supervisor does it when it ends; one that was killed cannot).
+    fn remove_slot_volumes(&self, id: &str) {
+        if let Err(e) = gworker_runtime::volbind::remove(&self.slot_volumes_dir(id)) {
+            tracing::warn!(sandbox = %id, error = %e, "cannot remove the sandbox's volume directory");
+        }
+    }
+
+    /// Whether the sandbox's volumes go through a slot volume directory: it
+    /// was a warm slot, or a restore of one's snapshot.
+    fn uses_slot_volumes(&self, id: &str) -> bool {
+        std::fs::read(self.sandbox_dir(id).join("launch.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<LaunchConfig>(&b).ok())
+            .is_some_and(|l| l.slot_volumes.is_some())
+    }
+
     /// Removes networks whose sandbox's supervisor is gone (killed, or the
     /// machine rebooted): only those recorded in this daemon's state dir.
     fn remove_stale_networks(&self) {
@@ -648,8 +670,9 @@ impl Engine {
         } else {
             None
         };
+        let slot_layout = snap.as_ref().is_some_and(|s| s.requires.slot_volumes);
         let slot = match pool_network {
-            Some(net) if restore.is_none() && mounts.is_empty() => {
+            Some(net) if restore.is_none() => {
                 self.pool.take_or_wait(&image, net, pool::miss_wait()).await
             }
             _ => None,
@@ -672,7 +695,10 @@ impl Engine {
             network,
         };
         if let Some(slot) = slot {
-            match self.claim_slot(&slot, &row, secret_env.clone()).await {
+            match self
+                .claim_slot(&slot, &row, secret_env.clone(), &mounts)
+                .await
+            {
                 Ok(view) => return Ok(view),
                 Err(e) => {
                     tracing::warn!(sandbox = %slot, error = %e, "warm pool: claim failed, starting cold");
@@ -692,7 +718,7 @@ impl Engine {
         let r2 = row.clone();
         tokio::spawn(async move {
             let id = r2.id.clone();
-            let res = engine.start(r2, restore).await;
+            let res = engine.start(r2, restore, slot_layout).await;
             match res {
                 Ok(()) => {
                     let _ = tx.send(Ready::Up);
@@ -761,6 +787,7 @@ impl Engine {
         slot: &str,
         row: &SandboxRow,
         secret_env: Vec<(String, String)>,
+        mounts: &volumes::Mounts,
     ) -> Result<api::Sandbox> {
         let image_env = self
             .images
@@ -771,6 +798,8 @@ impl Engine {
             .unwrap_or_default();
         let entry = entry_spec(row, &image_env);
         let sup = SupClient::new(self.sock_path(slot));
+        // Recorded first: a volume is not deleted while a claim mounts it.
+        self.attach_volumes(slot, mounts)?;
         // The supervisor changes the slot's rules if the policy is not the
         // one it booted with (an allowlist on a default slot).
         sup.claim(
@@ -779,6 +808,7 @@ impl Engine {
             row.limits.clone(),
             secret_env,
             Some(row.network.clone()),
+            self.volume_mounts(slot),
         )
         .await
         .map_err(from_client)?;
@@ -800,7 +830,14 @@ impl Engine {
     }
 
     /// Builds the image if needed and starts the sandbox's supervisor.
-    async fn start(&self, row: SandboxRow, restore: Option<RestoreConfig>) -> Result<()> {
+    /// `slot_layout`: the restore of a warm slot's snapshot, whose volumes
+    /// go through a slot volume directory as the slot's did.
+    async fn start(
+        &self,
+        row: SandboxRow,
+        restore: Option<RestoreConfig>,
+        slot_layout: bool,
+    ) -> Result<()> {
         let images = self.images.clone();
         let name = row.image.clone();
         let info = tokio::task::spawn_blocking(move || {
@@ -828,6 +865,7 @@ impl Engine {
             deadline: row.deadline,
             restore,
             volumes: self.volume_mounts(&row.id),
+            slot_volumes: slot_layout.then(|| self.slot_volumes_dir(&row.id)),
             secrets_fd: secret_env.as_ref().map(|_| SECRETS_FD),
             pooled: false,
             limits: row.limits.clone(),
@@ -1325,6 +1363,7 @@ impl Engine {
                 cpu: snapshots::cpu_signature(),
                 volumes: self.snapshot_volumes(id),
                 networked: row.network.needs_netns(),
+                slot_volumes: self.uses_slot_volumes(id),
             },
             procs: info.procs,
             next_id: info.next_id,
@@ -1400,6 +1439,7 @@ impl Engine {
             }
         }
         let _ = std::fs::remove_file(self.sock_path(id));
+        self.remove_slot_volumes(id);
         let _ = std::fs::remove_dir_all(self.sandbox_dir(id));
         self.reg.delete_sandbox(id)?;
         Ok(())

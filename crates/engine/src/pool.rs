@@ -414,6 +414,8 @@ impl Engine {
             deadline: 0.0,
             restore: None,
             volumes: Vec::new(),
+            // A claim's volumes are bound under it (see `claim_slot`).
+            slot_volumes: Some(self.slot_volumes_dir(&id)),
             secrets_fd: None,
             pooled: true,
             limits: self.cfg.default_limits.clone(),
@@ -465,6 +467,7 @@ impl Engine {
     pub(crate) async fn discard_slot(&self, id: &str) {
         let _ = SupClient::new(self.sock_path(id)).shutdown().await;
         let _ = std::fs::remove_file(self.sock_path(id));
+        self.remove_slot_volumes(id);
         let _ = std::fs::remove_dir_all(self.sandbox_dir(id));
     }
 
@@ -521,6 +524,15 @@ impl Engine {
                 if matches!(self.reg.get_snapshot(&id), Ok(None)) {
                     tracing::info!(snapshot = %id, "removing an unfinished snapshot");
                     let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        // Volume directories of sandboxes whose directory is gone.
+        if let Ok(entries) = std::fs::read_dir(self.cfg.data_dir.join("volbinds")) {
+            for e in entries.flatten() {
+                let id = e.file_name().to_string_lossy().into_owned();
+                if !self.sandbox_dir(&id).exists() {
+                    self.remove_slot_volumes(&id);
                 }
             }
         }

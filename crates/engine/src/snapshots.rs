@@ -27,6 +27,11 @@ pub struct Requirements {
     /// restore needs one too (runsc's flags must match).
     #[serde(default)]
     pub networked: bool,
+    /// The source was (or was restored from) a warm slot: its volumes came
+    /// through the slot's volume directory (`gworker_runtime::volbind`), and
+    /// a restore must mount them the same way.
+    #[serde(default)]
+    pub slot_volumes: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

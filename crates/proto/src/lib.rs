@@ -133,6 +133,16 @@ pub enum HostMsg {
     Prefetch {
         paths: Vec<Vec<u8>>,
     },
+    /// Bind-mount each `sources[i]` (a directory) on `targets[i]` (made with
+    /// its parents if missing), then detach the warm slot's volume mount
+    /// (`/.gworker/vols`); the agent answers `Mounted` with the same `seq`.
+    /// Only before the first `Spawn`: the agent gives up its right to mount
+    /// (CAP_SYS_ADMIN) before it starts any process.
+    Mount {
+        seq: u32,
+        sources: Vec<Vec<u8>>,
+        targets: Vec<Vec<u8>>,
+    },
 }
 
 /// Messages from the agent to the host.
@@ -177,6 +187,12 @@ pub enum AgentMsg {
     },
     /// Answer to `Quiesce`: the last frame before the agent holds its output.
     Quiesced,
+    /// Answer to `Mount`: `error` is empty when every mount was made (when
+    /// one fails, the ones before it stay).
+    Mounted {
+        seq: u32,
+        error: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -201,6 +217,7 @@ const H_PING: u8 = 0x07;
 const H_QUIESCE: u8 = 0x08;
 const H_RESUME: u8 = 0x09;
 const H_PREFETCH: u8 = 0x0a;
+const H_MOUNT: u8 = 0x0b;
 const A_HELLO: u8 = 0x81;
 const A_SPAWNED: u8 = 0x82;
 const A_SPAWN_FAILED: u8 = 0x83;
@@ -210,6 +227,7 @@ const A_EXITED: u8 = 0x86;
 const A_PONG: u8 = 0x87;
 const A_LOG: u8 = 0x88;
 const A_QUIESCED: u8 = 0x89;
+const A_MOUNTED: u8 = 0x8a;
 
 struct Enc<'a>(&'a mut Vec<u8>);
 
@@ -315,6 +333,7 @@ impl HostMsg {
                 HostMsg::Quiesce => H_QUIESCE,
                 HostMsg::Resume => H_RESUME,
                 HostMsg::Prefetch { .. } => H_PREFETCH,
+                HostMsg::Mount { .. } => H_MOUNT,
             };
             at = begin(out, ty);
         }
@@ -344,6 +363,15 @@ impl HostMsg {
             HostMsg::Ping { seq } => e.u32(*seq),
             HostMsg::Quiesce | HostMsg::Resume => {}
             HostMsg::Prefetch { paths } => e.list(paths),
+            HostMsg::Mount {
+                seq,
+                sources,
+                targets,
+            } => {
+                e.u32(*seq);
+                e.list(sources);
+                e.list(targets);
+            }
         }
         finish(out, at);
     }
@@ -377,6 +405,17 @@ impl HostMsg {
             H_QUIESCE => HostMsg::Quiesce,
             H_RESUME => HostMsg::Resume,
             H_PREFETCH => HostMsg::Prefetch { paths: d.list()? },
+            H_MOUNT => {
+                let (seq, sources, targets) = (d.u32()?, d.list()?, d.list()?);
+                if sources.len() != targets.len() {
+                    return Err(DecodeError::Invalid("mount lists differ in length"));
+                }
+                HostMsg::Mount {
+                    seq,
+                    sources,
+                    targets,
+                }
+            }
             t => return Err(DecodeError::UnknownType(t)),
         };
         d.end()?;
@@ -397,6 +436,7 @@ impl AgentMsg {
             AgentMsg::Pong { .. } => A_PONG,
             AgentMsg::Log { .. } => A_LOG,
             AgentMsg::Quiesced => A_QUIESCED,
+            AgentMsg::Mounted { .. } => A_MOUNTED,
         };
         let at = begin(out, ty);
         let mut e = Enc(out);
@@ -430,6 +470,10 @@ impl AgentMsg {
             AgentMsg::Pong { seq } => e.u32(*seq),
             AgentMsg::Log { message } => e.bytes(message.as_bytes()),
             AgentMsg::Quiesced => {}
+            AgentMsg::Mounted { seq, error } => {
+                e.u32(*seq);
+                e.bytes(error.as_bytes());
+            }
         }
         finish(out, at);
     }
@@ -469,6 +513,10 @@ impl AgentMsg {
                 message: d.string()?,
             },
             A_QUIESCED => AgentMsg::Quiesced,
+            A_MOUNTED => AgentMsg::Mounted {
+                seq: d.u32()?,
+                error: d.string()?,
+            },
             t => return Err(DecodeError::UnknownType(t)),
         };
         d.end()?;
@@ -566,6 +614,11 @@ mod tests {
         host_roundtrip(HostMsg::Prefetch {
             paths: vec![b"/bin/sh".to_vec(), Vec::new()],
         });
+        host_roundtrip(HostMsg::Mount {
+            seq: 3,
+            sources: vec![b"/.gworker/vols/0".to_vec()],
+            targets: vec![b"/data".to_vec()],
+        });
         host_roundtrip(HostMsg::Quiesce);
         host_roundtrip(HostMsg::Resume);
     }
@@ -597,6 +650,10 @@ mod tests {
             message: "x".into(),
         });
         agent_roundtrip(AgentMsg::Quiesced);
+        agent_roundtrip(AgentMsg::Mounted {
+            seq: 3,
+            error: "EPERM".into(),
+        });
     }
 
     #[test]

@@ -15,10 +15,13 @@ use serde_json::{json, Value};
 pub mod cgroup;
 pub mod host;
 pub mod net;
+pub mod volbind;
 pub use cgroup::{Cgroup, Limits};
 
 /// Where the agent binary appears inside every sandbox.
 pub const AGENT_PATH: &str = "/.gworker/agent";
+/// Where a warm slot's volume directory appears (see [`volbind`]).
+pub const SLOT_VOLUMES_PATH: &str = "/.gworker/vols";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -227,6 +230,12 @@ pub struct BundleSpec {
     /// runsc reads the network namespace, so the network can be made while
     /// runsc boots.
     pub network_gate: Option<PathBuf>,
+    /// A warm slot's (or its restore's) volume directory on the host, mounted
+    /// at [`SLOT_VOLUMES_PATH`] (see [`volbind`]).
+    pub slot_volumes: Option<PathBuf>,
+    /// The agent starts with CAP_SYS_ADMIN, to bind-mount a claim's volumes;
+    /// it drops it before it starts any process.
+    pub agent_mounts: bool,
 }
 
 /// A host directory bind-mounted read-write into the sandbox. runsc's default
@@ -258,7 +267,10 @@ pub const CAPABILITIES: &[&str] = &[
 
 /// The OCI runtime config for a sandbox.
 pub fn oci_config(spec: &BundleSpec) -> Value {
-    let caps: Vec<&str> = CAPABILITIES.to_vec();
+    let mut caps: Vec<&str> = CAPABILITIES.to_vec();
+    if spec.agent_mounts {
+        caps.push("CAP_SYS_ADMIN");
+    }
     let mut v = json!({
         "ociVersion": "1.0.0",
         "process": {
@@ -311,6 +323,10 @@ pub fn oci_config(spec: &BundleSpec) -> Value {
     }
     if let Some(fifo) = &spec.network_gate {
         v["hooks"] = json!({"prestart": [net::ReadyGate::hook(fifo)]});
+    }
+    if let (Some(dir), Some(mounts)) = (&spec.slot_volumes, v["mounts"].as_array_mut()) {
+        mounts.push(json!({"destination": SLOT_VOLUMES_PATH, "type": "bind",
+            "source": dir, "options": ["rbind", "rw"]}));
     }
     if let Some(mounts) = v["mounts"].as_array_mut() {
         for m in &spec.mounts {
@@ -377,6 +393,8 @@ mod tests {
             user: None,
             network: None,
             network_gate: None,
+            slot_volumes: None,
+            agent_mounts: false,
         });
         assert_eq!(v["linux"]["cgroupsPath"], "/gworker/sb-1");
         assert_eq!(v["process"]["args"][0], AGENT_PATH);

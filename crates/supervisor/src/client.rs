@@ -237,6 +237,7 @@ impl SupClient {
         limits: gworker_runtime::Limits,
         secrets: Vec<(String, String)>,
         network: Option<gworker_runtime::net::NetPolicy>,
+        volumes: Vec<crate::VolumeMount>,
     ) -> Result<(), ClientError> {
         self.call(&Request::Claim {
             entry,
@@ -244,6 +245,7 @@ impl SupClient {
             limits,
             secrets: crate::wire::SecretEnv(secrets),
             network,
+            volumes,
         })
         .await
         .map(|_| ())

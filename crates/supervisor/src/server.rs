@@ -125,6 +125,8 @@ struct State {
     /// Told when the agent answers `Quiesce`.
     quiesced: Option<oneshot::Sender<()>>,
     pongs: HashMap<u32, oneshot::Sender<()>>,
+    /// Waiting for the agent's `Mounted`: its error ("" = mounted).
+    mounted: HashMap<u32, oneshot::Sender<String>>,
     seq: u32,
     /// A checkpoint is in progress: one at a time.
     checkpointing: bool,
@@ -196,6 +198,7 @@ impl State {
         }
         // Nobody will answer pings any more.
         self.pongs.clear();
+        self.mounted.clear();
     }
 }
 
@@ -544,6 +547,7 @@ async fn serve(
             gen: 0,
             quiesced: None,
             pongs: HashMap::new(),
+            mounted: HashMap::new(),
             seq: 0,
             checkpointing: false,
             runsc_pid: None,
@@ -604,6 +608,7 @@ async fn serve(
                 let _ = tokio::task::spawn_blocking(move || {
                     remove_network(&s3.cfg);
                     s3.cgroup.remove();
+                    remove_slot_volumes(&s3.cfg);
                 })
                 .await;
                 s2.lock().net_removed = true;
@@ -693,19 +698,98 @@ async fn prepare(
             user: cfg.user,
             network,
             network_gate: gate.as_ref().map(|_| dir.join(NET_GATE)),
-            mounts: cfg
-                .volumes
-                .iter()
-                .map(|v| gworker_runtime::BindMount {
-                    source: v.source.clone(),
-                    destination: v.destination.clone(),
-                })
-                .collect(),
+            mounts: match &cfg.slot_volumes {
+                Some(_) => Vec::new(),
+                None => cfg
+                    .volumes
+                    .iter()
+                    .map(|v| gworker_runtime::BindMount {
+                        source: v.source.clone(),
+                        destination: v.destination.clone(),
+                    })
+                    .collect(),
+            },
+            slot_volumes: cfg.slot_volumes.clone(),
+            agent_mounts: cfg.pooled && cfg.slot_volumes.is_some(),
         },
     )
     .map_err(|e| format!("cannot write the sandbox's bundle: {e}"))
+    .and_then(|()| {
+        let Some(vdir) = &cfg.slot_volumes else {
+            return Ok(());
+        };
+        gworker_runtime::volbind::create(vdir)
+            .and_then(|()| {
+                cfg.volumes
+                    .iter()
+                    .enumerate()
+                    .try_for_each(|(i, v)| gworker_runtime::volbind::bind(vdir, i, &v.source))
+            })
+            .map_err(|e| format!("cannot prepare the sandbox's volumes: {e}"))
+            .inspect_err(|_| remove_slot_volumes(cfg))
+    })
     .inspect_err(|_| remove_network(cfg))?;
     Ok(gate)
+}
+
+/// Unmounts a slot's volume directory (see `gworker_runtime::volbind`).
+fn remove_slot_volumes(cfg: &LaunchConfig) {
+    if let Some(dir) = &cfg.slot_volumes {
+        if let Err(e) = gworker_runtime::volbind::remove(dir) {
+            eprintln!("supervisor: removing {}: {e}", dir.display());
+        }
+    }
+}
+
+/// A claim's volumes: bound under the slot's volume directory on the host
+/// (the mounts reach the running sandbox through its gofer), then
+/// bind-mounted at their paths by the agent, before any process starts.
+async fn mount_claim_volumes(
+    shared: &Arc<Shared>,
+    volumes: &[VolumeMount],
+) -> Result<(), SupError> {
+    let cannot = |e: String| {
+        SupError::new(
+            "internal",
+            format!("cannot mount the sandbox's volumes: {e}"),
+        )
+    };
+    let Some(dir) = shared.cfg.slot_volumes.clone() else {
+        return Err(cannot("this sandbox has no slot volume directory".into()));
+    };
+    let sources: Vec<PathBuf> = volumes.iter().map(|v| v.source.clone()).collect();
+    tokio::task::spawn_blocking(move || {
+        sources
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, s)| gworker_runtime::volbind::bind(&dir, i, s))
+    })
+    .await
+    .map_err(|e| cannot(e.to_string()))?
+    .map_err(|e| cannot(e.to_string()))?;
+    let (tx, rx) = oneshot::channel();
+    let seq = {
+        let mut st = shared.lock();
+        st.seq = st.seq.wrapping_add(1);
+        let seq = st.seq;
+        st.mounted.insert(seq, tx);
+        seq
+    };
+    shared.send(HostMsg::Mount {
+        seq,
+        sources: (0..volumes.len())
+            .map(|i| format!("{}/{i}", gworker_runtime::SLOT_VOLUMES_PATH).into_bytes())
+            .collect(),
+        targets: volumes
+            .iter()
+            .map(|v| v.destination.clone().into_bytes())
+            .collect(),
+    });
+    match tokio::time::timeout(answer_limit(), rx).await {
+        Ok(Ok(e)) if e.is_empty() => Ok(()),
+        Ok(Ok(e)) => Err(cannot(e)),
+        _ => Err(cannot("the agent did not answer".into())),
+    }
 }
 
 async fn agent_writer(mut rx: mpsc::UnboundedReceiver<ToAgent>) {
@@ -972,6 +1056,11 @@ fn on_agent_msg(shared: &Arc<Shared>, m: AgentMsg) {
                 let _ = tx.send(());
             }
         }
+        AgentMsg::Mounted { seq, error } => {
+            if let Some(tx) = st.mounted.remove(&seq) {
+                let _ = tx.send(error);
+            }
+        }
         AgentMsg::Quiesced => {}
         AgentMsg::Log { message } => eprintln!("agent: {message}"),
     }
@@ -996,8 +1085,18 @@ async fn claim(
     limits: gworker_runtime::Limits,
     secrets: crate::wire::SecretEnv,
     network: Option<gworker_runtime::net::NetPolicy>,
+    volumes: Vec<VolumeMount>,
 ) -> Result<serde_json::Value, SupError> {
     wait_running(shared).await?;
+    if shared.lock().claimed {
+        return Err(SupError::new(
+            "conflict",
+            "this sandbox was already claimed",
+        ));
+    }
+    if !volumes.is_empty() {
+        mount_claim_volumes(shared, &volumes).await?;
+    }
     if let Some(policy) = network.filter(|p| Some(p) != shared.cfg.network.as_ref()) {
         let cannot = |e: String| {
             SupError::new(
@@ -1257,6 +1356,7 @@ async fn runsc_waiter(shared: Arc<Shared>, mut child: tokio::process::Child, gen
     let _ = tokio::task::spawn_blocking(move || {
         let _ = s2.runsc.delete_force(&s2.cfg.sandbox_id);
         s2.cgroup.remove();
+        remove_slot_volumes(&s2.cfg);
     })
     .await;
     shared.lock().runsc_exited = true;
@@ -1470,7 +1570,8 @@ async fn handle_request(
             limits,
             secrets,
             network,
-        } => claim(shared, entry, deadline, limits, secrets, network).await,
+            volumes,
+        } => claim(shared, entry, deadline, limits, secrets, network, volumes).await,
         Request::Kill { reason } => {
             kill_sandbox(shared, &reason);
             Ok(serde_json::Value::Null)

@@ -34,6 +34,13 @@ pub struct LaunchConfig {
     /// Volumes: host directories bind-mounted read-write.
     #[serde(default)]
     pub volumes: Vec<VolumeMount>,
+    /// The volume layout of warm slots (see `gworker_runtime::volbind`):
+    /// this host directory is mounted at `/.gworker/vols`, and `volumes` are
+    /// bound under it as `0`, `1`, … (by a claim for a slot, before runsc
+    /// starts for a restore of a slot's snapshot) instead of being mounts
+    /// of their own.
+    #[serde(default)]
+    pub slot_volumes: Option<PathBuf>,
     /// The daemon writes the sandbox's secret environment (JSON list of
     /// `[name, value]`) to this inherited fd; the supervisor reads it once,
     /// before anything else, and keeps it in memory only (never on disk).
@@ -163,6 +170,10 @@ pub enum Request {
         /// anything runs.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         network: Option<gworker_runtime::net::NetPolicy>,
+        /// Volumes to mount before anything runs, through the slot's volume
+        /// directory (`LaunchConfig::slot_volumes`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        volumes: Vec<VolumeMount>,
     },
     /// Writes a memory checkpoint to `image_path`; the sandbox goes on running.
     Checkpoint {

@@ -1,0 +1,158 @@
+//! A warm slot's volumes: the host side of [`crate::SLOT_VOLUMES_PATH`].
+//!
+//! A slot boots before anyone knows which volumes its user will ask for, or
+//! where. So it boots with one extra mount, a host directory of its own
+//! (`DATA/volbinds/ID`, a shared bind mount of itself) at
+//! [`crate::SLOT_VOLUMES_PATH`]. At claim, the supervisor bind-mounts each
+//! volume's directory on `DATA/volbinds/ID/N` on the host; the mount
+//! propagates into runsc's mount namespaces, and the gofer serves it. The
+//! agent then bind-mounts `/.gworker/vols/N` on the volume's path inside the
+//! sandbox and detaches `/.gworker/vols`.
+//!
+//! A restore of such a sandbox's snapshot binds the same volumes, in the same
+//! order, under its own directory before runsc starts.
+//!
+//! Rule: this directory is never removed recursively. Its entries are the
+//! volumes themselves while mounted; [`remove`] unmounts, then removes only
+//! empty directories.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+/// `DATA/volbinds/ID` for a daemon's data directory.
+pub fn dir_for(data_dir: &Path, id: &str) -> PathBuf {
+    data_dir.join("volbinds").join(id)
+}
+
+fn to_io(e: nix::Error) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+/// Makes `dir` a shared bind mount of itself, so that mounts made under it
+/// later reach runsc's mount namespaces (slaves of the host's).
+pub fn create(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    if !mounts_at_or_under(dir)?.iter().any(|m| m == dir) {
+        mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(to_io)?;
+    }
+    mount(
+        None::<&str>,
+        dir,
+        None::<&str>,
+        MsFlags::MS_SHARED,
+        None::<&str>,
+    )
+    .map_err(to_io)
+}
+
+/// Bind-mounts `source` (a volume's directory) on `dir/index`.
+pub fn bind(dir: &Path, index: usize, source: &Path) -> io::Result<()> {
+    let target = dir.join(index.to_string());
+    match std::fs::create_dir(&target) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    mount(
+        Some(source),
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(to_io)
+}
+
+/// Unmounts everything at or under `dir` (deepest first, detached), then
+/// removes its now empty directories. A directory that is still not empty
+/// stays: nothing here deletes a file.
+pub fn remove(dir: &Path) -> io::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let mut mounts = mounts_at_or_under(dir)?;
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    for m in &mounts {
+        match umount2(m, MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
+            Err(e) => return Err(to_io(e)),
+        }
+    }
+    if !mounts_at_or_under(dir)?.is_empty() {
+        return Err(io::Error::other(format!(
+            "{} still has mounts under it",
+            dir.display()
+        )));
+    }
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let _ = std::fs::remove_dir(e.path());
+    }
+    std::fs::remove_dir(dir)
+}
+
+/// Mount points at or under `dir`, from `/proc/self/mountinfo`.
+fn mounts_at_or_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape(p)))
+        .filter(|p| p.starts_with(dir))
+        .collect())
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape(r"/a\040b\134c"), "/a b\\c");
+        assert_eq!(unescape(r"/plain"), "/plain");
+        assert_eq!(unescape(r"/end\04"), r"/end\04");
+    }
+
+    /// Needs root (mounts): a volume bound under a slot's directory is
+    /// unmounted by `remove`, and its files stay where they are.
+    #[test]
+    fn remove_unmounts_and_never_deletes_a_volumes_files() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let base = std::env::temp_dir().join(format!("gworker-volbind-{}", std::process::id()));
+        let vol = base.join("vol");
+        std::fs::create_dir_all(&vol).unwrap();
+        std::fs::write(vol.join("keep"), b"data").unwrap();
+        let slot = base.join("slot");
+        create(&slot).unwrap();
+        bind(&slot, 0, &vol).unwrap();
+        assert_eq!(std::fs::read(slot.join("0/keep")).unwrap(), b"data");
+        assert_eq!(mounts_at_or_under(&slot).unwrap().len(), 2);
+        remove(&slot).unwrap();
+        assert!(!slot.exists());
+        assert_eq!(std::fs::read(vol.join("keep")).unwrap(), b"data");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+}
