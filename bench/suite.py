@@ -48,7 +48,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(REPO, "clients", "python", "src"))
 from engine import Api, pct  # noqa: E402
 
-from gworker_client import Image, Sandbox  # noqa: E402
+from gworker_client import Image, Sandbox, Volume  # noqa: E402
 
 CLK = os.sysconf("SC_CLK_TCK")
 RUNSC = shutil.which("runsc") or "/usr/bin/runsc"
@@ -634,10 +634,11 @@ def reap_all():
             log("terminate failed:", repr(e)[:200])
 
 
-def gw_create_first_output(image, cmd=("echo", "hi"), expect="hi\n", block_network=False):
+def gw_create_first_output(image, cmd=("echo", "hi"), expect="hi\n", block_network=False, volumes=None):
     """The leaderboard's method: create, run the first command, get its output."""
     t = now()
-    sb = Sandbox.create(image=Image.from_name(image), timeout=300, block_network=block_network)
+    sb = Sandbox.create(image=Image.from_name(image), timeout=300, block_network=block_network,
+                        volumes=volumes)
     try:
         out = sb.exec(list(cmd)).stdout.read()
         dt = (now() - t) * 1000
@@ -805,6 +806,14 @@ class Suite:
             self.row("f1", f"create->output {image} cold, networked both sides", gw_net, raw=raw_net,
                      target="p50 <= 1.15x raw runsc run (--network=sandbox)", met=bool(ok and gw_net.fail == 0),
                      note="raw: runsc --network=sandbox in a netns with a fresh veth made before the clock")
+        # With a volume: the baseline of the warm pool's volume row.
+        vol = {"/data": Volume.from_name("bench-vol", create_if_missing=True)}
+        withvol = Samples()
+        for _ in range(self.n(30, 5)):
+            reap_all()
+            withvol.run(lambda: gw_create_first_output("busybox", volumes=vol))
+        self.row("f1", "create->output busybox cold, one volume", withvol,
+                 raw=self.extra.get("raw_run_busybox"), note="raw: runsc run without a volume")
 
     def f1_warm(self):
         runs = self.n(100, 10)
@@ -848,6 +857,18 @@ class Suite:
                  met=bool(st and st["p50"] <= 50 and st["p95"] <= 100 and blocked.fail == 0),
                  note=f"--pool-blocked busybox={self.warm.pool_blocked.get('busybox')}; "
                       "raw: runsc run --network=none")
+        # Creates with volumes are claimed too: the claim mounts them.
+        vol = {"/data": Volume.from_name("bench-vol", create_if_missing=True)}
+        withvol = Samples()
+        for _ in range(self.n(30, 5)):
+            reap_all()
+            self.warm.wait_pool_full(quiet=True)
+            withvol.run(lambda: gw_create_first_output("busybox", volumes=vol))
+        st = summ(withvol.ok)
+        self.row("f1", "create->output busybox warm pool, one volume, paced", withvol,
+                 raw=self.extra.get("raw_run_busybox"), target="p50 <= 50, p95 <= 100 ms, 100% ok",
+                 met=bool(st and st["p50"] <= 50 and st["p95"] <= 100 and withvol.fail == 0),
+                 note="the volume mounted at claim; raw: runsc run without a volume")
 
     def f2(self, daemon, label):
         n = self.n(50, 10)

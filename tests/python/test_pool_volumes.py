@@ -110,6 +110,11 @@ def test_a_create_with_volumes_claims_a_slot_and_sees_them(pooled: Daemon, two_v
         code, out, _ = run(sb, "grep Cap /proc/self/status")
         assert code == 0
         assert all(not v & (1 << CAP_SYS_ADMIN) for v in cap_bits(out).values()), out
+        # Nor does any thread of the agent (capabilities are per thread).
+        code, out, _ = run(sb, "for t in /proc/1/task/*; do grep CapPrm $t/status; done")
+        prm = re.findall(r"CapPrm:\s+([0-9a-f]+)", out)
+        assert code == 0 and len(prm) >= 2, out
+        assert all(not int(v, 16) & (1 << CAP_SYS_ADMIN) for v in prm), out
         # No process can mount, and the slot's volume mount is gone: the
         # sandbox's mounts are a cold one's.
         code, _, err = run(sb, "mkdir -p /m && mount -t tmpfs none /m")
@@ -171,3 +176,25 @@ def test_a_snapshot_of_a_claimed_sandbox_restores_onto_its_volumes(pooled: Daemo
     while host_mounts_under(vb) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert host_mounts_under(vb) == []
+
+
+def test_a_snapshot_of_a_slot_claimed_without_volumes_restores(pooled: Daemon) -> None:
+    """Every slot boots with the volume mount, used or not: its snapshots
+    restore with the same mounts."""
+    slots = ready_slots(pooled)
+    src = Sandbox.create(["sh", "-c", "echo kept > /tmp/state; sleep 600"], image=Image.from_name("busybox"),
+                         timeout=120)
+    try:
+        assert src.object_id in slots
+        deadline = time.monotonic() + 10
+        while run(src, "cat /tmp/state")[1] != "kept\n" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        snap = src.snapshot()
+    finally:
+        src.terminate()
+    copy = Sandbox.create(snapshot=snap, image=Image.from_name("busybox"), timeout=120)
+    try:
+        assert run(copy, "cat /tmp/state")[1] == "kept\n"
+    finally:
+        copy.terminate()
+        snap.delete()

@@ -349,10 +349,7 @@ pub fn run() -> ! {
     // What a spawn needs to know (a query per signal, ~1 ms under gVisor),
     // found on another thread while this one says Hello and reads the first
     // request, rather than in a sandbox's first exec.
-    std::thread::Builder::new()
-        .name("spawn-prep".into())
-        .spawn(sys::prepare_spawn)
-        .unwrap_or_else(|e| fatal("spawn-prep thread", e));
+    sys::thread("spawn-prep", sys::prepare_spawn).unwrap_or_else(|e| fatal("spawn-prep thread", e));
     let epoll = Epoll::new().unwrap_or_else(|e| fatal("epoll_create", e));
     let writer_dead = sys::eventfd().unwrap_or_else(|e| fatal("eventfd", e));
     let writer =
@@ -595,9 +592,7 @@ impl Agent {
         let setup = sys::pipe().and_then(|(r, w)| {
             sys::set_nonblocking(r.as_raw_fd())?;
             self.epoll.add(r.as_raw_fd(), HOST_EVENTS, TOK_HOST)?;
-            std::thread::Builder::new()
-                .name("host-reader".into())
-                .spawn(move || copy_stdin_to(w))?;
+            sys::thread("host-reader", move || copy_stdin_to(w))?;
             Ok(r)
         });
         match setup {
@@ -785,17 +780,15 @@ impl Agent {
 fn prefetch(paths: Vec<Vec<u8>>) {
     use std::io::Read;
     use std::os::unix::ffi::OsStrExt;
-    let _ = std::thread::Builder::new()
-        .name("prefetch".into())
-        .spawn(move || {
-            let mut buf = vec![0u8; 256 * 1024];
-            for p in paths {
-                let path = std::path::Path::new(std::ffi::OsStr::from_bytes(&p));
-                if let Ok(mut f) = std::fs::File::open(path) {
-                    while matches!(f.read(&mut buf), Ok(n) if n > 0) {}
-                }
+    let _ = sys::thread("prefetch", move || {
+        let mut buf = vec![0u8; 256 * 1024];
+        for p in paths {
+            let path = std::path::Path::new(std::ffi::OsStr::from_bytes(&p));
+            if let Ok(mut f) = std::fs::File::open(path) {
+                while matches!(f.read(&mut buf), Ok(n) if n > 0) {}
             }
-        });
+        }
+    });
 }
 
 #[cfg(test)]

@@ -614,6 +614,27 @@ pub fn drop_sys_admin() -> io::Result<()> {
     Ok(())
 }
 
+/// Starts a thread that first gives up CAP_SYS_ADMIN (see
+/// [`drop_sys_admin`]): capabilities are per thread, and only the event
+/// loop's thread may hold it, until it starts the sandbox's first process.
+/// So no thread has it once any process in the sandbox could reach one.
+pub fn thread<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<std::thread::JoinHandle<T>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            if has_sys_admin() {
+                if let Err(e) = drop_sys_admin() {
+                    eprintln!("gworker-agent: a thread cannot drop CAP_SYS_ADMIN: {e}");
+                    std::process::abort();
+                }
+            }
+            f()
+        })
+}
+
 /// Bind-mounts directory `src` on `dst`, made first with its parents if
 /// missing.
 pub fn bind_mount(src: &[u8], dst: &[u8]) -> io::Result<()> {

@@ -83,9 +83,7 @@ impl Writer {
             work: Condvar::new(),
         });
         let thread = inner.clone();
-        std::thread::Builder::new()
-            .name("host-writer".into())
-            .spawn(move || run(&thread))?;
+        sys::thread("host-writer", move || run(&thread))?;
         Ok(Writer { inner })
     }
 

@@ -31,7 +31,7 @@ pub struct ServeArgs {
     /// so creating one takes milliseconds; repeat for several images. IMAGE
     /// is a built-in, a tag or an image ID, as `create` names it. They serve
     /// creates with the default network or a `cidr_allowlist` (and any
-    /// limits and secrets); creates with volumes or a snapshot start cold.
+    /// volumes, limits and secrets); restores of a snapshot start cold.
     #[arg(long, value_name = "IMAGE=N", value_parser = parse_pool)]
     pool: Vec<(String, usize)>,
     /// Like --pool, but the sandboxes have no network (loopback only): they

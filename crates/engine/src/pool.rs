@@ -9,8 +9,10 @@
 //! - Slots are not in the registry until claimed; after a daemon restart,
 //!   unclaimed slots (sandbox directories the registry does not know) are
 //!   shut down and removed, and the pool is filled anew.
-//! - Only sandboxes without volumes or a snapshot come from the pool; the
-//!   others start cold. Slots boot with the daemon's default network
+//! - Only sandboxes without a snapshot come from the pool; restores start
+//!   cold. A claim's volumes are bound under the slot's volume directory and
+//!   mounted at their paths before anything runs (`gworker_runtime::volbind`).
+//!   Slots boot with the daemon's default network
 //!   (`--pool`) or none at all (`--pool-blocked`, for `block_network`
 //!   creates); a networked slot also serves a `cidr_allowlist` create, whose
 //!   rules replace the slot's at claim. Secrets and limits are applied at
