@@ -12,7 +12,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, List
+from typing import Iterator, List
 
 import pytest
 
@@ -198,3 +198,24 @@ def test_a_snapshot_of_a_slot_claimed_without_volumes_restores(pooled: Daemon) -
     finally:
         copy.terminate()
         snap.delete()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="quotas loop-mount an ext4 image: root only")
+def test_a_quota_volume_from_the_pool_keeps_its_quota(pooled: Daemon) -> None:
+    """A quota'd volume's data/ is itself a mount (its ext4 image): the
+    claim's host bind must carry it, or writes would land on the host disk."""
+    name = f"pq-{uuid.uuid4().hex[:10]}"
+    vol = Volume.create(name, quota_bytes=32 << 20)
+    try:
+        slots = ready_slots(pooled)
+        sb = Sandbox.create(image=Image.from_name("busybox"), volumes={"/q": vol}, timeout=120)
+        try:
+            assert sb.object_id in slots
+            code, _, err = run(sb, "dd if=/dev/zero of=/q/fill bs=1M count=64")
+            assert code != 0 and "No space left on device" in err, err
+            assert run(sb, "rm /q/fill && echo ok > /q/after")[0] == 0
+            assert b"".join(vol.read_file("/after")) == b"ok\n"
+        finally:
+            sb.terminate()
+    finally:
+        Volume.delete(name)

@@ -232,6 +232,30 @@ def test_a_warm_pool_of_a_tagged_registry_image_runs_as_its_user(daemon: Any, re
         _, out = _raw_get(d2, f"/v1/sandboxes/{sid}/processes/{p['process_id']}/stdout")
         assert out == b"1000\n1000\nhello world\n/app\n", out
         assert d2.request("DELETE", f"/v1/sandboxes/{sid}")[0] == 204
+        # A create with a volume claims a slot too: its agent, running as the
+        # image's user, mounts the volume before the user's command runs.
+        status, _ = d2.request("POST", "/v1/volumes", {"name": "regvol"})
+        assert status == 201
+        (data / "volumes" / "regvol" / "data" / "x.txt").write_text("on the volume\n")
+        sid = ""
+        for _ in range(60):
+            slots = [p.name for p in (data / "sandboxes").glob("sb-*")]
+            status, sb = d2.request("POST", "/v1/sandboxes", {"image": "pooled-reg", "timeout": 60,
+                                                              "volumes": {"/vol": {"name": "regvol"}}})
+            assert status == 201, sb
+            if sb["sandbox_id"] in slots:
+                sid = sb["sandbox_id"]
+                break
+            d2.request("DELETE", f"/v1/sandboxes/{sb['sandbox_id']}")
+            time.sleep(0.5)
+        assert sid, "no sandbox with a volume came from the pool"
+        status, p = d2.request("POST", f"/v1/sandboxes/{sid}/exec", {"cmd": ["sh", "-c", "id -u; cat /vol/x.txt"]})
+        assert status == 201, p
+        status, w = d2.request("GET", f"/v1/sandboxes/{sid}/processes/{p['process_id']}/wait?timeout=30")
+        assert (status, w["exit_code"]) == (200, 0), w
+        _, out = _raw_get(d2, f"/v1/sandboxes/{sid}/processes/{p['process_id']}/stdout")
+        assert out == b"1000\non the volume\n", out
+        assert d2.request("DELETE", f"/v1/sandboxes/{sid}")[0] == 204
     finally:
         # A start without the pool removes the refilled slot.
         d2.extra_args = []
