@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -219,3 +221,26 @@ def test_a_quota_volume_from_the_pool_keeps_its_quota(pooled: Daemon) -> None:
             sb.terminate()
     finally:
         Volume.delete(name)
+
+
+def test_a_killed_supervisors_volume_mounts_are_removed_by_terminate(pooled: Daemon, two_vols: List[Volume]) -> None:
+    """The supervisor unmounts a slot's volume directory when its sandbox
+    ends; one that was SIGKILLed cannot, so `terminate` does."""
+    a, _ = two_vols
+    slots = ready_slots(pooled)
+    sb = Sandbox.create(["sleep", "600"], image=Image.from_name("busybox"), volumes={"/data": a}, timeout=120)
+    vb = pooled.data_dir / "volbinds" / sb.object_id
+    try:
+        assert sb.object_id in slots
+        assert len(host_mounts_under(vb)) == 2  # the slot's directory and the volume under it
+        pids = subprocess.run(["pgrep", "-f", f"supervise {pooled.data_dir}/sandboxes/{sb.object_id}"],
+                              capture_output=True, text=True).stdout.split()
+        assert len(pids) == 1, pids
+        os.kill(int(pids[0]), signal.SIGKILL)
+    finally:
+        sb.terminate()
+    deadline = time.monotonic() + 10
+    while host_mounts_under(vb) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert host_mounts_under(vb) == []
+    assert not vb.exists()
