@@ -213,23 +213,8 @@ def test_a_warm_pool_of_a_tagged_registry_image_runs_as_its_user(daemon: Any, re
     d2.start()
     try:
         # The slot boots in the background; a create before it is ready starts cold.
-        sid = ""
-        for _ in range(60):
-            sandboxes_dir = data / "sandboxes"
-            slots = [p.name for p in sandboxes_dir.glob("sb-*")] if sandboxes_dir.exists() else []
-            status, sb = d2.request("POST", "/v1/sandboxes", {"image": "pooled-reg", "timeout": 60})
-            assert status == 201, sb
-            if sb["sandbox_id"] in slots:
-                sid = sb["sandbox_id"]
-                break
-            d2.request("DELETE", f"/v1/sandboxes/{sb['sandbox_id']}")
-            time.sleep(0.5)
-        assert sid, "no sandbox came from the pool"
-        status, p = d2.request("POST", f"/v1/sandboxes/{sid}/exec", {"cmd": ["sh", "-c", "id -u; id -g; echo $GREETING; pwd"]})
-        assert status == 201, p
-        status, w = d2.request("GET", f"/v1/sandboxes/{sid}/processes/{p['process_id']}/wait?timeout=30")
-        assert (status, w["exit_code"]) == (200, 0), w
-        _, out = _raw_get(d2, f"/v1/sandboxes/{sid}/processes/{p['process_id']}/stdout")
+        sid = _create_from_pool(d2, data, {"image": "pooled-reg", "timeout": 60})
+        out = _exec_output(d2, sid, "id -u; id -g; echo $GREETING; pwd")
         assert out == b"1000\n1000\nhello world\n/app\n", out
         assert d2.request("DELETE", f"/v1/sandboxes/{sid}")[0] == 204
         # A create with a volume claims a slot too: its agent, running as the
@@ -237,24 +222,9 @@ def test_a_warm_pool_of_a_tagged_registry_image_runs_as_its_user(daemon: Any, re
         status, _ = d2.request("POST", "/v1/volumes", {"name": "regvol"})
         assert status == 201
         (data / "volumes" / "regvol" / "data" / "x.txt").write_text("on the volume\n")
-        sid = ""
-        for _ in range(60):
-            slots = [p.name for p in (data / "sandboxes").glob("sb-*")]
-            status, sb = d2.request("POST", "/v1/sandboxes", {"image": "pooled-reg", "timeout": 60,
-                                                              "volumes": {"/vol": {"name": "regvol"}}})
-            assert status == 201, sb
-            if sb["sandbox_id"] in slots:
-                sid = sb["sandbox_id"]
-                break
-            d2.request("DELETE", f"/v1/sandboxes/{sb['sandbox_id']}")
-            time.sleep(0.5)
-        assert sid, "no sandbox with a volume came from the pool"
-        status, p = d2.request("POST", f"/v1/sandboxes/{sid}/exec", {"cmd": ["sh", "-c", "id -u; cat /vol/x.txt"]})
-        assert status == 201, p
-        status, w = d2.request("GET", f"/v1/sandboxes/{sid}/processes/{p['process_id']}/wait?timeout=30")
-        assert (status, w["exit_code"]) == (200, 0), w
-        _, out = _raw_get(d2, f"/v1/sandboxes/{sid}/processes/{p['process_id']}/stdout")
-        assert out == b"1000\non the volume\n", out
+        sid = _create_from_pool(d2, data, {"image": "pooled-reg", "timeout": 60,
+                                           "volumes": {"/vol": {"name": "regvol"}}})
+        assert _exec_output(d2, sid, "id -u; cat /vol/x.txt") == b"1000\non the volume\n"
         assert d2.request("DELETE", f"/v1/sandboxes/{sid}")[0] == 204
     finally:
         # A start without the pool removes the refilled slot.
@@ -266,6 +236,28 @@ def test_a_warm_pool_of_a_tagged_registry_image_runs_as_its_user(daemon: Any, re
             time.sleep(0.1)
         d2.stop()
         Transport.from_env().call("DELETE", "/v1/images/pooled-reg")
+
+
+def _create_from_pool(d: Any, data: Path, body: Dict[str, Any]) -> str:
+    """Creates until a sandbox comes from the pool (deleting the cold ones); its ID."""
+    for _ in range(60):
+        slots = [p.name for p in (data / "sandboxes").glob("sb-*")]
+        status, sb = d.request("POST", "/v1/sandboxes", body)
+        assert status == 201, sb
+        if sb["sandbox_id"] in slots:
+            return str(sb["sandbox_id"])
+        d.request("DELETE", f"/v1/sandboxes/{sb['sandbox_id']}")
+        time.sleep(0.5)
+    pytest.fail(f"no sandbox came from the pool for {body}")
+
+
+def _exec_output(d: Any, sid: str, script: str) -> bytes:
+    """Runs `sh -c script` in the sandbox; asserts it exits 0; its stdout."""
+    status, p = d.request("POST", f"/v1/sandboxes/{sid}/exec", {"cmd": ["sh", "-c", script]})
+    assert status == 201, p
+    status, w = d.request("GET", f"/v1/sandboxes/{sid}/processes/{p['process_id']}/wait?timeout=30")
+    assert (status, w["exit_code"]) == (200, 0), w
+    return _raw_get(d, f"/v1/sandboxes/{sid}/processes/{p['process_id']}/stdout")[1]
 
 
 def _raw_get(d: Any, path: str) -> Tuple[int, bytes]:

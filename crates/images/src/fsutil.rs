@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Whether `path` is an ELF executable without a program interpreter
 /// (`PT_INTERP`), i.e. a static or static-pie binary that runs in any rootfs.
@@ -67,44 +67,7 @@ pub fn tree_size(root: &Path) -> io::Result<u64> {
     Ok(total)
 }
 
-/// Mount points at or below `dir`, deepest first (from /proc/self/mountinfo).
-pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    let mut found: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|p| PathBuf::from(unescape_mountinfo(p)))
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    found.dedup();
-    found
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') as u32 * 64
-                + (b[i + 2] - b'0') as u32 * 8
-                + (b[i + 3] - b'0') as u32;
-            out.push(v as u8);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+pub use gworker_runtime::host::mounts_under;
 
 /// Remove a directory tree left by a build (possibly a failed or killed one).
 ///
@@ -152,12 +115,6 @@ fn remove_same_dev(dir: &Path, dev: u64) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(unescape_mountinfo(r"/a\040b\134c"), "/a b\\c");
-        assert_eq!(unescape_mountinfo(r"/plain\04"), r"/plain\04");
-    }
 
     #[test]
     fn host_shell_is_dynamic_elf() {

@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
+use crate::host::mounts_under;
+
 /// `DATA/volbinds/ID` for a daemon's data directory.
 pub fn dir_for(data_dir: &Path, id: &str) -> PathBuf {
     data_dir.join("volbinds").join(id)
@@ -34,7 +36,7 @@ fn to_io(e: nix::Error) -> io::Error {
 /// later reach runsc's mount namespaces (slaves of the host's).
 pub fn create(dir: &Path) -> io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    if !mounts_at_or_under(dir)?.iter().any(|m| m == dir) {
+    if !mounts_under(dir).iter().any(|m| m == dir) {
         mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(to_io)?;
     }
     mount(
@@ -71,15 +73,14 @@ pub fn remove(dir: &Path) -> io::Result<()> {
     if !dir.exists() {
         return Ok(());
     }
-    let mut mounts = mounts_at_or_under(dir)?;
-    mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
-    for m in &mounts {
+    // Deepest first.
+    for m in &mounts_under(dir) {
         match umount2(m, MntFlags::MNT_DETACH) {
             Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
             Err(e) => return Err(to_io(e)),
         }
     }
-    if !mounts_at_or_under(dir)?.is_empty() {
+    if !mounts_under(dir).is_empty() {
         return Err(io::Error::other(format!(
             "{} still has mounts under it",
             dir.display()
@@ -91,47 +92,9 @@ pub fn remove(dir: &Path) -> io::Result<()> {
     std::fs::remove_dir(dir)
 }
 
-/// Mount points at or under `dir`, from `/proc/self/mountinfo`.
-fn mounts_at_or_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    Ok(info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(unescape(p)))
-        .filter(|p| p.starts_with(dir))
-        .collect())
-}
-
-/// mountinfo writes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape(r"/a\040b\134c"), "/a b\\c");
-        assert_eq!(unescape(r"/plain"), "/plain");
-        assert_eq!(unescape(r"/end\04"), r"/end\04");
-    }
 
     /// Needs root (mounts): a volume bound under a slot's directory is
     /// unmounted by `remove`, and its files stay where they are.
@@ -149,7 +112,7 @@ mod tests {
         create(&slot).unwrap();
         bind(&slot, 0, &vol).unwrap();
         assert_eq!(std::fs::read(slot.join("0/keep")).unwrap(), b"data");
-        assert_eq!(mounts_at_or_under(&slot).unwrap().len(), 2);
+        assert_eq!(mounts_under(&slot).len(), 2);
         remove(&slot).unwrap();
         assert!(!slot.exists());
         assert_eq!(std::fs::read(vol.join("keep")).unwrap(), b"data");
