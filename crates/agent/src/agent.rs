@@ -21,7 +21,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use gworker_proto::{
     frame_len, AgentMsg, HostMsg, Spawn, SpawnErrorKind, Stream, INITIAL_WINDOW, MAX_OUTPUT_CHUNK,
-    PROTOCOL_VERSION,
+    PROTOCOL_VERSION, SLOT_VOLUMES_PATH,
 };
 
 use crate::spawn;
@@ -48,8 +48,6 @@ const OUTPUT_PIPE_SIZE: usize = 1024 * 1024;
 const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
 
 const STREAMS: [Stream; 2] = [Stream::Stdout, Stream::Stderr];
-/// A warm slot's volume mount: the host binds a claim's volumes under it.
-const SLOT_VOLUMES: &str = "/.gworker/vols";
 
 fn token(pid: u32, slot: u64) -> u64 {
     (u64::from(pid) << 2) | slot
@@ -555,7 +553,7 @@ impl Agent {
 
     /// Before the sandbox's first process: a warm slot's agent holds
     /// CAP_SYS_ADMIN only to bind-mount the claim's volumes from the slot's
-    /// volume mount ([`SLOT_VOLUMES`]). That mount is detached (the volumes'
+    /// volume mount ([`SLOT_VOLUMES_PATH`]). That mount is detached (the volumes'
     /// binds stay) and the capability dropped from every set of this thread,
     /// the one every process is started from, so no process ever gets it.
     /// A cold sandbox's agent never had it: one `capget`.
@@ -564,9 +562,9 @@ impl Agent {
         if !sys::has_sys_admin() {
             return;
         }
-        if let Err(e) = sys::detach(SLOT_VOLUMES) {
+        if let Err(e) = sys::detach(SLOT_VOLUMES_PATH) {
             if e.raw_os_error() != Some(libc::EINVAL) {
-                self.log(format!("detaching {SLOT_VOLUMES}: {}", errstr(&e)));
+                self.log(format!("detaching {SLOT_VOLUMES_PATH}: {}", errstr(&e)));
             }
         }
         if let Err(e) = sys::drop_sys_admin() {

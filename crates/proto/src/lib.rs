@@ -37,6 +37,11 @@ pub const MAX_OUTPUT_CHUNK: usize = 128 * 1024;
 /// Credit each output stream starts with.
 pub const INITIAL_WINDOW: u32 = 1024 * 1024;
 
+/// A warm slot's volume mount inside the sandbox: the host binds a claim's
+/// volumes under it as `0`, `1`, …, `HostMsg::Mount` names them, and the
+/// agent detaches it before its first spawn.
+pub const SLOT_VOLUMES_PATH: &str = "/.gworker/vols";
+
 /// Spawn flag: create the working directory (and parents) if it is missing.
 pub const SPAWN_MKDIR_CWD: u8 = 1;
 
@@ -134,10 +139,10 @@ pub enum HostMsg {
         paths: Vec<Vec<u8>>,
     },
     /// Bind-mount each `sources[i]` (a directory) on `targets[i]` (made with
-    /// its parents if missing), then detach the warm slot's volume mount
-    /// (`/.gworker/vols`); the agent answers `Mounted` with the same `seq`.
-    /// Only before the first `Spawn`: the agent gives up its right to mount
-    /// (CAP_SYS_ADMIN) before it starts any process.
+    /// its parents if missing); the agent answers `Mounted` with the same
+    /// `seq`. Only before the first `Spawn`: at it, the agent detaches
+    /// [`SLOT_VOLUMES_PATH`] and gives up its right to mount (CAP_SYS_ADMIN)
+    /// before it starts any process.
     Mount {
         seq: u32,
         sources: Vec<Vec<u8>>,

@@ -21,7 +21,7 @@ pub use cgroup::{Cgroup, Limits};
 /// Where the agent binary appears inside every sandbox.
 pub const AGENT_PATH: &str = "/.gworker/agent";
 /// Where a warm slot's volume directory appears (see [`volbind`]).
-pub const SLOT_VOLUMES_PATH: &str = "/.gworker/vols";
+pub use gworker_proto::SLOT_VOLUMES_PATH;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {

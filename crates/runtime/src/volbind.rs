@@ -66,6 +66,14 @@ pub fn bind(dir: &Path, index: usize, source: &Path) -> io::Result<()> {
     .map_err(to_io)
 }
 
+/// Binds each of `sources` under `dir`, the Nth as `dir/N` (see [`bind`]).
+pub fn bind_all<'a>(dir: &Path, sources: impl IntoIterator<Item = &'a Path>) -> io::Result<()> {
+    sources
+        .into_iter()
+        .enumerate()
+        .try_for_each(|(i, s)| bind(dir, i, s))
+}
+
 /// Unmounts everything at or under `dir` (deepest first, detached), then
 /// removes its now empty directories. A directory that is still not empty
 /// stays: nothing here deletes a file.

@@ -200,6 +200,12 @@ impl State {
         self.pongs.clear();
         self.mounted.clear();
     }
+
+    /// The sequence number of the next `Ping` or `Mount`.
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
 }
 
 /// What the writer task is told: frames, and the moves of a checkpoint.
@@ -720,10 +726,7 @@ async fn prepare(
         };
         gworker_runtime::volbind::create(vdir)
             .and_then(|()| {
-                cfg.volumes
-                    .iter()
-                    .enumerate()
-                    .try_for_each(|(i, v)| gworker_runtime::volbind::bind(vdir, i, &v.source))
+                gworker_runtime::volbind::bind_all(vdir, cfg.volumes.iter().map(|v| &*v.source))
             })
             .map_err(|e| format!("cannot prepare the sandbox's volumes: {e}"))
             .inspect_err(|_| remove_slot_volumes(cfg))
@@ -759,10 +762,7 @@ async fn mount_claim_volumes(
     };
     let sources: Vec<PathBuf> = volumes.iter().map(|v| v.source.clone()).collect();
     tokio::task::spawn_blocking(move || {
-        sources
-            .iter()
-            .enumerate()
-            .try_for_each(|(i, s)| gworker_runtime::volbind::bind(&dir, i, s))
+        gworker_runtime::volbind::bind_all(&dir, sources.iter().map(|s| &**s))
     })
     .await
     .map_err(|e| cannot(e.to_string()))?
@@ -770,8 +770,7 @@ async fn mount_claim_volumes(
     let (tx, rx) = oneshot::channel();
     let seq = {
         let mut st = shared.lock();
-        st.seq = st.seq.wrapping_add(1);
-        let seq = st.seq;
+        let seq = st.next_seq();
         st.mounted.insert(seq, tx);
         seq
     };
@@ -881,8 +880,7 @@ async fn ping(shared: &Arc<Shared>, limit: Duration) -> bool {
     let (tx, rx) = oneshot::channel();
     let seq = {
         let mut st = shared.lock();
-        st.seq = st.seq.wrapping_add(1);
-        let seq = st.seq;
+        let seq = st.next_seq();
         st.pongs.insert(seq, tx);
         seq
     };
@@ -1088,6 +1086,8 @@ async fn claim(
     volumes: Vec<VolumeMount>,
 ) -> Result<serde_json::Value, SupError> {
     wait_running(shared).await?;
+    // Before the volumes are mounted into it; the check under the lock
+    // below is the one that settles two claims at once.
     if shared.lock().claimed {
         return Err(SupError::new(
             "conflict",
