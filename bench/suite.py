@@ -853,42 +853,33 @@ class Suite:
                      target="p50 <= 50, p95 <= 100 ms, 100% ok", met=met,
                      note=f"back to back, pool of {self.warm.pool[image]} (refills wait for the burst to end); "
                           f"daemon CPU {dcpu:.1f} ms/create (pool refill bookkeeping included)")
-            # The same, paced: the pool refilled and earlier sandboxes torn down
-            # before each run (the claim alone, without refill contention).
-            paced = Samples()
-            for _ in range(self.n(30, 5)):
-                reap_all()
-                self.warm.wait_pool_full(quiet=True)
-                paced.run(gw_create_first_output, image)
-            st = summ(paced.ok)
-            self.row("f1", f"create->output {image} warm pool, paced", paced, raw=raw,
-                     target="p50 <= 50, p95 <= 100 ms, 100% ok",
-                     met=bool(st and st["p50"] <= 50 and st["p95"] <= 100 and paced.fail == 0),
-                     note="pool refilled and earlier sandboxes terminated before each run")
+            # The same, paced (the claim alone, without refill contention).
+            self.f1_warm_paced(f"{image} warm pool, paced", lambda: gw_create_first_output(image), raw,
+                               "pool refilled and earlier sandboxes terminated before each run")
         # block_network creates come from a pool of slots without a network.
-        blocked = Samples()
-        for _ in range(self.n(30, 5)):
-            reap_all()
-            self.warm.wait_pool_full(quiet=True)
-            blocked.run(lambda: gw_create_first_output("busybox", block_network=True))
-        st = summ(blocked.ok)
-        self.row("f1", "create->output busybox warm pool, block_network, paced", blocked,
-                 raw=self.extra.get("raw_run_busybox"), target="p50 <= 50, p95 <= 100 ms, 100% ok",
-                 met=bool(st and st["p50"] <= 50 and st["p95"] <= 100 and blocked.fail == 0),
-                 note=f"--pool-blocked busybox={self.warm.pool_blocked.get('busybox')}; "
-                      "raw: runsc run --network=none")
+        self.f1_warm_paced("busybox warm pool, block_network, paced",
+                           lambda: gw_create_first_output("busybox", block_network=True),
+                           self.extra.get("raw_run_busybox"),
+                           f"--pool-blocked busybox={self.warm.pool_blocked.get('busybox')}; "
+                           "raw: runsc run --network=none")
         # Creates with volumes are claimed too: the claim mounts them.
         vol = {"/data": Volume.from_name("bench-vol", create_if_missing=True)}
-        withvol = Samples()
+        self.f1_warm_paced("busybox warm pool, one volume, paced",
+                           lambda: gw_create_first_output("busybox", volumes=vol),
+                           self.extra.get("raw_run_busybox_vol"),
+                           "the volume mounted at claim; raw: runsc run with a bind mount at /data")
+
+    def f1_warm_paced(self, what, create, raw, note):
+        """A warm-pool f1 row, paced: before each run the pool is refilled and
+        the earlier sandboxes are torn down."""
+        s = Samples()
         for _ in range(self.n(30, 5)):
             reap_all()
             self.warm.wait_pool_full(quiet=True)
-            withvol.run(lambda: gw_create_first_output("busybox", volumes=vol))
-        st = summ(withvol.ok)
-        self.row("f1", "create->output busybox warm pool, one volume, paced", withvol,
-                 raw=self.extra.get("raw_run_busybox_vol"), target="p50 <= 50, p95 <= 100 ms, 100% ok",
-                 met=bool(st and st["p50"] <= 50 and st["p95"] <= 100 and withvol.fail == 0),
-                 note="the volume mounted at claim; raw: runsc run with a bind mount at /data")
+            s.run(create)
+        st = summ(s.ok)
+        self.row("f1", f"create->output {what}", s, raw=raw, target="p50 <= 50, p95 <= 100 ms, 100% ok",
+                 met=bool(st and st["p50"] <= 50 and st["p95"] <= 100 and s.fail == 0), note=note)
 
     def f2(self, daemon, label):
         n = self.n(50, 10)

@@ -261,14 +261,11 @@ def test_an_allowlist_create_claims_a_pool_slot_and_gets_exactly_its_list(daemon
     """A slot boots with the default policy; claimed with an allowlist, its
     rules are replaced before anything runs: it reaches what the list names
     and nothing else, like a cold allowlist sandbox."""
-    from helpers import Daemon, gworker_bin, short_tempdir
+    from helpers import short_tempdir, side_daemon
 
     base = short_tempdir("gwpn-")  # supervisor socket paths must stay short
-    data = base / "data"
-    data.mkdir()
-    (data / "images").symlink_to(daemon.data_dir / "images")  # the session's built images
-    d2 = Daemon(gworker_bin(), data, base / "gw.sock", ["--pool", "debian-slim=1"])
-    d2.start()
+    d2 = side_daemon(daemon, base, "gwpn-", {}, ["--pool", "debian-slim=1"])  # the session's built images
+    data = d2.data_dir
     monkeypatch.setenv("GWORKER_URL", d2.url)
     try:
         deadline = time.monotonic() + 180  # a first debian-slim build included

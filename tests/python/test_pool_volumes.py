@@ -18,7 +18,7 @@ from typing import Iterator, List
 
 import pytest
 
-from helpers import Daemon, gworker_bin, run, short_tempdir
+from helpers import Daemon, run, short_tempdir, side_daemon
 from gworker_client import ConflictError, Image, Sandbox, Volume
 
 CAP_SYS_ADMIN = 21
@@ -28,11 +28,7 @@ CAP_SYS_ADMIN = 21
 def pooled(daemon: Daemon) -> Iterator[Daemon]:
     """A second daemon with two busybox slots, the session's images shared."""
     base = short_tempdir("gwpv-")  # supervisor socket paths must stay short
-    data = base / "data"
-    data.mkdir()
-    (data / "images").symlink_to(daemon.data_dir / "images")
-    d2 = Daemon(gworker_bin(), data, base / "gw.sock", ["--pool", "busybox=2"])
-    d2.start()
+    d2 = side_daemon(daemon, base, "gwpv-", {}, ["--pool", "busybox=2"])
     old = os.environ.get("GWORKER_URL")
     os.environ["GWORKER_URL"] = d2.url
     try:
@@ -60,6 +56,16 @@ def ready_slots(d: Daemon) -> List[str]:
 def host_mounts_under(path: Path) -> List[str]:
     with open("/proc/self/mountinfo") as f:
         return [l.split()[4] for l in f if l.split()[4].startswith(str(path))]
+
+
+def assert_unmounted(vb: Path) -> None:
+    """Nothing stays mounted at or under a slot's volume directory (its
+    removal runs as the sandbox ends: allow it 10 s), and the directory is gone."""
+    deadline = time.monotonic() + 10
+    while host_mounts_under(vb) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert host_mounts_under(vb) == []
+    assert not vb.exists()
 
 
 def read_count(v: Volume) -> int:
@@ -139,11 +145,7 @@ def test_a_create_with_volumes_claims_a_slot_and_sees_them(pooled: Daemon, two_v
         sb.terminate()
     # Nothing of it is left mounted on the host; the volume's files stay.
     vb = pooled.data_dir / "volbinds" / sb.object_id
-    deadline = time.monotonic() + 10
-    while host_mounts_under(vb) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert host_mounts_under(vb) == []
-    assert not vb.exists()
+    assert_unmounted(vb)
     assert b"".join(a.read_file("/out.txt")) == b"from-sandbox\n"
 
 
@@ -174,10 +176,7 @@ def test_a_snapshot_of_a_claimed_sandbox_restores_onto_its_volumes(pooled: Daemo
         copy.terminate()
         snap.delete()
     vb = pooled.data_dir / "volbinds" / copy.object_id
-    deadline = time.monotonic() + 10
-    while host_mounts_under(vb) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert host_mounts_under(vb) == []
+    assert_unmounted(vb)
 
 
 def test_a_snapshot_of_a_slot_claimed_without_volumes_restores(pooled: Daemon) -> None:
@@ -239,8 +238,4 @@ def test_a_killed_supervisors_volume_mounts_are_removed_by_terminate(pooled: Dae
         os.kill(int(pids[0]), signal.SIGKILL)
     finally:
         sb.terminate()
-    deadline = time.monotonic() + 10
-    while host_mounts_under(vb) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert host_mounts_under(vb) == []
-    assert not vb.exists()
+    assert_unmounted(vb)

@@ -200,17 +200,13 @@ def test_glibc_coreutils_work_in_a_registry_image(daemon: Any, sandboxes: Any, r
 
 
 def test_a_warm_pool_of_a_tagged_registry_image_runs_as_its_user(daemon: Any, registry: Any, tmp_path: Path) -> None:
-    from helpers import Daemon, gworker_bin, short_tempdir
+    from helpers import short_tempdir, side_daemon
 
     host, _ = registry
     Image.from_registry(f"{host}/test/img:v1").build(tag="pooled-reg", quiet=True)
     # A second daemon sharing the session's images keeps one slot of the tag warm.
-    base = short_tempdir("gwpl-")  # supervisor socket paths must stay short
-    data = base / "data"
-    data.mkdir()
-    (data / "images").symlink_to(daemon.data_dir / "images")
-    d2 = Daemon(gworker_bin(), data, base / "gw.sock", ["--pool", "pooled-reg=1"])
-    d2.start()
+    d2 = side_daemon(daemon, short_tempdir("gwpl-"), "gwpl-", {}, ["--pool", "pooled-reg=1"])
+    data = d2.data_dir
     try:
         # The slot boots in the background; a create before it is ready starts cold.
         sid = _create_from_pool(d2, data, {"image": "pooled-reg", "timeout": 60})
