@@ -223,9 +223,9 @@ impl Pool {
     /// Newest first, because a slot's memory gets slower to touch the longer
     /// it sits idle: on a VM whose host reclaims idle guest memory, reading
     /// 512 MiB untouched for 3 minutes took 295 ms against 136-150 ms
-    /// fresh, and 50 claims at once of slots idle for 150-240 s answered
-    /// ~30 ms later at p95 than of slots just booted (`bench/RESULTS.md`,
-    /// session 13).
+    /// fresh, and in 7 of 9 pairs 50 claims at once of slots idle for
+    /// 150-240 s answered later at p95 (by ~30 ms on average) than of slots
+    /// just booted (`bench/RESULTS.md`, session 13).
     pub(crate) fn take(&self, image: &str, network: PoolNetwork) -> Option<String> {
         let mut ready = self.ready.lock().unwrap();
         let slot = ready
