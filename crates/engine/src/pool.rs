@@ -218,7 +218,9 @@ impl Pool {
     }
 
     /// Takes a ready slot's sandbox ID for `image` (a built-in's name or a
-    /// built image's ID) with `network`: the one that became ready last.
+    /// built image's ID) with `network`: the one that became ready last in
+    /// its pool (when a tag's pool and its ID's pool both hold the image,
+    /// the first pool found serves).
     ///
     /// Newest first, because a slot's memory gets slower to touch the longer
     /// it sits idle: on a VM whose host reclaims idle guest memory, reading
