@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, List
 
 import pytest
 
-from helpers import BUSYBOX, Daemon, gworker_bin, short_tempdir
+from helpers import BUSYBOX, Daemon, gworker_bin, remove_short_tempdirs, short_tempdir
 from gworker_client import Image, Sandbox
 
 
@@ -42,6 +42,13 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         d.stop()
         d.unmount_images()
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The tests' short directories under /tmp go with the session (its
+    fixtures, and so its daemons, are torn down by now)."""
+    for d in remove_short_tempdirs():
+        print(f"\nleft {d}: something is still mounted under it")
 
 
 @pytest.fixture(autouse=True)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
@@ -143,9 +144,36 @@ def gworker_bin() -> str:
     return binary
 
 
+#: What ``short_tempdir`` made; ``remove_short_tempdirs`` removes it at the session's end.
+_SHORT_TEMPDIRS: List[Path] = []
+
+
 def short_tempdir(prefix: str) -> Path:
-    """A directory with a short path (a unix socket path is limited to 107 bytes)."""
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    """A directory with a short path (a unix socket path is limited to 107
+    bytes), removed when the test session ends."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    _SHORT_TEMPDIRS.append(d)
+    return d
+
+
+def remove_short_tempdirs() -> List[Path]:
+    """Remove every ``short_tempdir`` (the session's end: its daemons are
+    stopped). One that something is still mounted under is left as it is,
+    so that no mount's contents are deleted; those are returned."""
+    mounted = []
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split(" ")
+            if len(fields) > 4:
+                points.append(Path(fields[4].replace("\\040", " ")))
+    while _SHORT_TEMPDIRS:
+        d = _SHORT_TEMPDIRS.pop()
+        if any(p == d or d in p.parents for p in points):
+            mounted.append(d)
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+    return mounted
 
 
 
