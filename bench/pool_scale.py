@@ -10,6 +10,7 @@ release build, as bench/suite.py does; run as root:
 What bench/RESULTS.md's "Mount propagation at 300 slots" (session 13) uses.
 """
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -90,6 +91,7 @@ def main():
         print("after 50 creates and terminates:", mount_namespaces(), flush=True)
     finally:
         d.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
