@@ -266,7 +266,17 @@ impl Registry {
 
 impl Drop for Registry {
     fn drop(&mut self) {
-        // serve.py stops the registry when its stdin closes or it is killed.
+        // Closing its stdin stops serve.py, which stops the registry and
+        // removes its directory (a kill would leave the directory behind).
+        // Killed only if it has not exited within 10 s.
+        drop(self.child.stdin.take());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
