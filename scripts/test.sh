@@ -12,6 +12,9 @@ cd "$repo"
 phase() { echo; echo "=== test.sh: $* ($(date +%T))"; }
 failed=()
 
+# What /tmp holds before: the tests must not leave anything of theirs there.
+tmp_before="$(ls -1A /tmp 2>/dev/null | sort || true)"
+
 phase "build (debug) and static agent"
 timeout -k 30s 20m cargo build --workspace
 GWORKER_AGENT="$(timeout -k 30s 15m bash "$repo/scripts/build-agent.sh" | tail -n 1)"
@@ -36,6 +39,18 @@ if [ -d "$repo/tests/python" ]; then
     esac
 else
     echo "test.sh: no tests/python; skipping pytest"
+fi
+
+phase "nothing left in /tmp"
+# The tests' directories are named gw* (pytest's own basetemp, kept for
+# inspection, is pytest-of-*).
+left="$(comm -13 <(printf '%s\n' "$tmp_before") <(ls -1A /tmp 2>/dev/null | sort) | grep '^gw' || true)"
+if [ -n "$left" ]; then
+    echo "test.sh: the tests left these in /tmp:"
+    printf '%s\n' "$left" | sed 's/^/  /'
+    failed+=("leftovers in /tmp")
+else
+    echo "none"
 fi
 
 echo
