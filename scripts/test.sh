@@ -31,7 +31,9 @@ fi
 if [ -d "$repo/tests/python" ]; then
     phase "pytest tests/python"
     rc=0
-    timeout -k 30s 20m python3 -m pytest -q tests/python || rc=$?
+    # A passing run removes its ~0.5 GB basetemp (daemon data, built
+    # images); a failing one keeps it for inspection.
+    timeout -k 30s 20m python3 -m pytest -q -o tmp_path_retention_policy=failed tests/python || rc=$?
     case "$rc" in
         0) ;;
         5) echo "test.sh: pytest collected no tests in tests/python" ;;
