@@ -44,8 +44,8 @@ else
 fi
 
 phase "nothing left in /tmp"
-# The tests' directories are named gw* (pytest's own basetemp, kept for
-# inspection, is pytest-of-*).
+# The tests' directories are named gw* (pytest's basetemp, kept when a
+# test failed, is under pytest-of-*).
 left="$(comm -13 <(printf '%s\n' "$tmp_before") <(ls -1A /tmp 2>/dev/null | sort) | grep '^gw' || true)"
 if [ -n "$left" ]; then
     echo "test.sh: the tests left these in /tmp:"
