@@ -158,7 +158,7 @@ def report_profile(samples, execs, top):
         print(f"  {ns / total * 100:5.1f}% {fn[-58:]:58}  {cns / total * 100:5.1f}% {cfn[-58:]}")
 
 
-def profile_execs(d, image, seconds):
+def profile_execs(d, image, seconds, top):
     api = d.api()
     sid = api.call("POST", "/v1/sandboxes", {"image": image, "timeout": 600})["sandbox_id"]
 
@@ -183,7 +183,7 @@ def profile_execs(d, image, seconds):
         raise RuntimeError(f"runsc debug --profile-cpu failed: {err.decode(errors='replace')[-500:]}")
     api.call("DELETE", f"/v1/sandboxes/{sid}", raw=True)
     print(f"\n== {image}: the sentry during {n} execs of `echo hi` ({n / seconds:.0f}/s, one at a time)")
-    report_profile(parse_pprof(open(out, "rb").read()), n, TOP)
+    report_profile(parse_pprof(open(out, "rb").read()), n, top)
 
 
 # ---------------------------------------------------------------- per create
@@ -228,9 +228,7 @@ def host_cpu(d, fn):
     fn()
     c1 = time.process_time()
     b = by_kind(d.proc.pid)
-    suite.HOLDING.clear()
-    while suite.HELD:
-        suite.terminate_later(suite.HELD.pop())
+    suite.release_held()
     sums = Counter()
     for pid, (k, ns) in b.items():
         sums[k] += ns - (a[pid][1] if pid in a and a[pid][0] == k else 0)
@@ -271,18 +269,13 @@ def per_create(d, image, n):
         sb.terminate()
 
 
-TOP = 25
-
-
 def main():
-    global TOP
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image", action="append", help="busybox and/or debian-slim (default both)")
     ap.add_argument("--seconds", type=float, default=10, help="length of the exec profile (default 10)")
     ap.add_argument("--creates", type=int, default=30, help="claimed creates measured (default 30)")
     ap.add_argument("--top", type=int, default=25, help="functions listed (default 25)")
     a = ap.parse_args()
-    TOP = a.top
     images = a.image or ["busybox", "debian-slim"]
     tmp = tempfile.mkdtemp(prefix="gw-sentry-prof-", dir="/tmp")
     wrapper = os.path.join(tmp, "runsc-profile")
@@ -297,7 +290,7 @@ def main():
         d = Daemon(tmp, "prof", binp, agent, {})
         try:
             for image in images:
-                profile_execs(d, image, a.seconds)
+                profile_execs(d, image, a.seconds, a.top)
         finally:
             d.stop()
         if old is None:

@@ -642,6 +642,13 @@ def terminate_later(sb):
         REAPING.append(REAPER.submit(sb.terminate))
 
 
+def release_held():
+    """Ends a hold (`HOLDING`): what waited is terminated now."""
+    HOLDING.clear()
+    while HELD:
+        terminate_later(HELD.pop())
+
+
 def reap_all():
     while REAPING:
         try:
@@ -688,9 +695,7 @@ def at_once(n, fn, *args):
     barrier.wait()
     for th in ths:
         th.join()
-    HOLDING.clear()
-    while HELD:
-        terminate_later(HELD.pop())
+    release_held()
     reap_all()
     return s, ((max(ends) - t0) * 1000 if ends else None)
 
