@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -104,12 +105,7 @@ class Daemon:
         """Lazily unmount the image mounts the daemon left (they outlive it on
         purpose, for its sandboxes), so the test's temp dir can be removed."""
         mnt = str(self.data_dir / "images" / "mnt")
-        try:
-            lines = Path("/proc/self/mountinfo").read_text().splitlines()
-        except OSError:
-            return
-        for line in lines:
-            target = line.split(" ")[4]
+        for target in mount_points():
             if target.startswith(mnt + "/"):
                 subprocess.run(["umount", "-l", target], check=False, capture_output=True)
 
@@ -144,6 +140,22 @@ def gworker_bin() -> str:
     return binary
 
 
+def mount_points() -> List[str]:
+    """Every mount point of this process's mount namespace
+    (``/proc/self/mountinfo``, its octal escapes such as ``\\040`` decoded);
+    none if it cannot be read."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    points = []
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) > 4:
+            points.append(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4]))
+    return points
+
+
 #: What ``short_tempdir`` made; ``remove_short_tempdirs`` removes it at the session's end.
 _SHORT_TEMPDIRS: List[Path] = []
 
@@ -161,12 +173,7 @@ def remove_short_tempdirs() -> List[Path]:
     stopped). One that something is still mounted under is left as it is,
     so that no mount's contents are deleted; those are returned."""
     mounted = []
-    points = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split(" ")
-            if len(fields) > 4:
-                points.append(Path(fields[4].replace("\\040", " ")))
+    points = [Path(p) for p in mount_points()]
     while _SHORT_TEMPDIRS:
         d = _SHORT_TEMPDIRS.pop()
         if any(p == d or d in p.parents for p in points):

@@ -18,7 +18,7 @@ from typing import Iterator, List
 
 import pytest
 
-from helpers import Daemon, run, short_tempdir, side_daemon
+from helpers import Daemon, mount_points, run, short_tempdir, side_daemon
 from gworker_client import ConflictError, Image, Sandbox, Volume
 
 CAP_SYS_ADMIN = 21
@@ -54,8 +54,7 @@ def ready_slots(d: Daemon) -> List[str]:
 
 
 def host_mounts_under(path: Path) -> List[str]:
-    with open("/proc/self/mountinfo") as f:
-        return [l.split()[4] for l in f if l.split()[4].startswith(str(path))]
+    return [p for p in mount_points() if p.startswith(str(path))]
 
 
 def assert_unmounted(vb: Path) -> None:
