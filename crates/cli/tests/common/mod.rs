@@ -184,13 +184,7 @@ impl Drop for Daemon {
         // (nobody's sandboxes: nothing else would). SIGKILL if it hangs.
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let start = Instant::now();
-        while matches!(self.child.try_wait(), Ok(None)) && start.elapsed() < Duration::from_secs(20)
-        {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        wait_or_kill(&mut self.child, Duration::from_secs(20));
         unmount_under(&self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -266,18 +260,20 @@ impl Drop for Registry {
     fn drop(&mut self) {
         // Closing its stdin stops serve.py, which stops the registry and
         // removes its directory (a kill would leave the directory behind).
-        // Killed only if it has not exited within 10 s.
         drop(self.child.stdin.take());
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::time::Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        wait_or_kill(&mut self.child, Duration::from_secs(10));
     }
+}
+
+/// Waits up to `limit` for `child` to exit on its own; kills it if it has
+/// not, and reaps it either way.
+fn wait_or_kill(child: &mut Child, limit: Duration) {
+    let start = Instant::now();
+    while matches!(child.try_wait(), Ok(None)) && start.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Unmounts what a stopped daemon left mounted under `dir`: it keeps image
